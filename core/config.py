@@ -1,0 +1,406 @@
+"""Configuration: one TOML file mapped to typed dataclasses, every key overridable from the environment.
+
+Precedence: dataclass defaults, then the TOML file, then ``MQGATE_*`` environment variables: the prefix,
+then one name per level joined by ``__``, case-insensitive (``MQGATE_BROKER__MAX_INFLIGHT=64`` sets
+``broker.max_inflight``). ``MQGATE_CONFIG`` is reserved for the path of the file (read by the caller).
+
+The mapping is generic and the schema declarative: a section is a ``@dataclass(slots=True, frozen=True)``
+whose fields are bool, int, float, str, ``X | None``, ``list[X]``, ``dict[int, X]``, ``dict[str, X]``, nested
+sections or ``list[Section]`` (a TOML array of tables). ``field(metadata=...)`` declares constraints checked
+for the file and the environment alike: ``min``, ``max``, ``choices`` and ``check`` (a callable
+``(value, key)`` raising :class:`ConfigError`). Adding a section is adding a dataclass and a field that holds
+it. ``None`` cannot be written in TOML (it is left out of :func:`dump_toml`) and is set from the environment
+by an empty value, so optional fields should default to ``None``.
+
+Every error is a :class:`ConfigError` whose one-line message starts with the dotted key, the environment
+variable or the file path, then says what is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "ENV_CONFIG_FILE",
+    "ENV_PREFIX",
+    "BrokerConfig",
+    "Config",
+    "ListenersConfig",
+    "LogConfig",
+    "TcpListenerConfig",
+    "apply_env",
+    "build_section",
+    "dump_toml",
+    "load_config",
+    "parse_bind",
+]
+
+ENV_PREFIX = "MQGATE_"
+ENV_CONFIG_FILE = "MQGATE_CONFIG"
+
+_T = TypeVar("_T", bound="DataclassInstance")
+
+
+def parse_bind(value: str, key: str) -> tuple[str, int]:
+    """Split a listen address: ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``PORT`` (host ``0.0.0.0``).
+
+    HOST is an IP address literal, IPv6 in brackets; PORT is 0..65535 (0: an ephemeral port).
+    """
+    host, _, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host or "0.0.0.0"
+    try:
+        valid = ipaddress.ip_address(host).version == (6 if bracketed else 4)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(
+            f"{key}: invalid bind address {value!r}: expected IPV4:PORT, [IPV6]:PORT, :PORT or PORT"
+        )
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"{key}: invalid port in bind address {value!r}: expected 0..65535")
+    return host, int(port)
+
+
+@dataclass(slots=True, frozen=True)
+class TcpListenerConfig:
+    """The plain MQTT-over-TCP listener (MQTT 5.0 §4.2; IANA port 1883)."""
+
+    enabled: bool = True
+    bind: str = field(default="0.0.0.0:1883", metadata={"check": parse_bind})
+    max_connections: int = field(default=1_000_000, metadata={"min": 1})
+    backlog: int = 1024
+
+
+@dataclass(slots=True, frozen=True)
+class ListenersConfig:
+    """The network listeners the broker accepts MQTT connections on."""
+
+    tcp: TcpListenerConfig = field(default_factory=TcpListenerConfig)
+
+
+@dataclass(slots=True, frozen=True)
+class BrokerConfig:
+    """Broker limits and features; the v5 ones are announced in CONNACK properties (MQTT 5.0 §3.2.2.3)."""
+
+    max_inflight: int = field(default=32, metadata={"min": 1, "max": 65535})  # outgoing QoS 1/2 window
+    max_mqueue_len: int = field(default=1000, metadata={"min": 0})  # pending queue per session, drop oldest
+    mqueue_store_qos0: bool = True
+    shared_subscription_strategy: str = field(
+        default="random",
+        metadata={"choices": ("random", "round_robin", "sticky", "hash_clientid", "hash_topic")},
+    )
+    max_packet_size: int = field(default=1_048_576, metadata={"min": 64, "max": 268_435_455})  # §3.1.2.11.4
+    max_clientid_len: int = field(default=65535, metadata={"min": 23})  # §3.1.3.1
+    max_topic_alias: int = field(default=65535, metadata={"min": 0, "max": 65535})  # §3.2.2.3.8
+    max_topic_levels: int = field(default=128, metadata={"min": 1})
+    server_keepalive: int = field(
+        default=0, metadata={"min": 0, "max": 65535}
+    )  # 0: the client's; §3.2.2.3.14
+    max_session_expiry: int = field(
+        default=0xFFFF_FFFF, metadata={"min": 0, "max": 0xFFFF_FFFF}
+    )  # §3.1.2.11.2
+    retain_available: bool = True
+    max_retained_messages: int = field(default=1_000_000, metadata={"min": 0})  # 0: unlimited
+    max_awaiting_rel: int = field(default=100, metadata={"min": 0})  # QoS 2 PUBRECs awaiting PUBREL
+    wildcard_subscription: bool = True
+    shared_subscription: bool = True
+    sys_interval: float = field(default=60.0, metadata={"min": 0})  # $SYS publish period, 0 disables $SYS
+
+
+@dataclass(slots=True, frozen=True)
+class LogConfig:
+    """Logging: the minimum level, plain text or JSON lines (DESIGN §4 item 11)."""
+
+    level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
+    format: str = field(default="text", metadata={"choices": ("text", "json")})
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    """The whole configuration: one field per top-level TOML table."""
+
+    listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load the configuration: defaults, then the TOML file at ``path`` if given, then the ``MQGATE_*``
+    variables of ``environ`` (``os.environ`` by default). Raises :class:`ConfigError`."""
+    data = {} if path is None else _read_toml(path)
+    return build_section(Config, apply_env(Config, data, os.environ if environ is None else environ))
+
+
+def build_section(cls: type[_T], data: Mapping[str, object], prefix: str = "") -> _T:
+    """Build the dataclass ``cls`` from a table as parsed by tomllib; missing keys keep their defaults.
+
+    ``prefix`` is the dotted name of the table, for error messages.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, object] = {}
+    for name, raw in data.items():
+        key = _join(prefix, name)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ConfigError(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        values[name] = _convert(_hints(cls)[name], raw, key)
+        _check(fields[name].metadata, values[name], key)
+    for name, f in fields.items():
+        if (
+            name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(f"{_join(prefix, name)}: required key is missing")
+    return cls(**values)
+
+
+def apply_env(
+    cls: type[DataclassInstance], data: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, object]:
+    """Return a copy of ``data`` (a TOML document for ``cls``) with the ``MQGATE_*`` overrides applied.
+
+    Each value is converted by the type of its field (bool: true/false/1/0/yes/no/on/off; lists and
+    tables: a TOML inline value) and checked here, so that errors name the variable.
+    """
+    merged = copy.deepcopy(dict(data))
+    seen: dict[tuple[str, ...], str] = {}
+    for name, text in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == ENV_CONFIG_FILE:
+            continue
+        path = tuple(upper.removeprefix(ENV_PREFIX).lower().split("__"))
+        if path in seen:
+            raise ConfigError(f"{name}: sets the same key as {seen[path]}")
+        seen[path] = name
+        tp, metadata = _resolve_env(cls, path, name)
+        label = f"{name} ({'.'.join(path)})"
+        raw = _parse_env(tp, text, label)
+        _check(metadata, _convert(tp, raw, label), label)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = raw
+    return merged
+
+
+def dump_toml(config: DataclassInstance) -> str:
+    """The effective configuration as a TOML document that loads back to an equal configuration."""
+    lines: list[str] = []
+    _dump_table(config, "", False, lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+_EXPECTED = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_TOML_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F)} | {
+    ord('"'): '\\"',
+    ord("\\"): "\\\\",
+    ord("\b"): "\\b",
+    ord("\t"): "\\t",
+    ord("\n"): "\\n",
+    ord("\f"): "\\f",
+    ord("\r"): "\\r",
+}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, ``(tp, False)`` otherwise."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return tp, False
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if len(args) != 1:
+        raise TypeError(f"unsupported configuration type {tp!r}")
+    return args[0], True
+
+
+def _is_table_array(tp: Any) -> bool:
+    return get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0])
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _mismatch(key: str, expected: str, raw: object) -> ConfigError:
+    got = _TOML_NAMES.get(type(raw), type(raw).__name__)
+    if isinstance(raw, bool | int | float | str):
+        got += f" {raw!r}"
+    return ConfigError(f"{key}: expected {expected}, got {got}")
+
+
+def _convert(tp: Any, raw: object, key: str) -> object:
+    """Check ``raw`` (as parsed by tomllib) against the type ``tp`` and convert it."""
+    tp, optional = _unwrap_optional(tp)
+    if optional and raw is None:
+        return None
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        if not isinstance(raw, dict):
+            raise _mismatch(key, "a table", raw)
+        if origin is dict:
+            return {_dict_key(args[0], k, key): _convert(args[1], v, f"{key}.{k}") for k, v in raw.items()}
+        return build_section(tp, raw, key)
+    if origin is list:
+        if not isinstance(raw, list):
+            raise _mismatch(key, "an array", raw)
+        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(raw)]
+    if tp not in _EXPECTED:
+        raise TypeError(f"unsupported configuration type {tp!r} for {key}")
+    if tp is float and type(raw) is int:
+        raw = float(raw)
+    if type(raw) is not tp:
+        raise _mismatch(key, _EXPECTED[tp], raw)
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+    return raw
+
+
+def _dict_key(tp: Any, key: str, table: str) -> object:
+    if tp is str:
+        return key
+    if tp is not int:
+        raise TypeError(f"unsupported configuration key type {tp!r} for {table}")
+    if not re.fullmatch(r"-?[0-9]+", key):
+        raise ConfigError(f"{table}: expected integer keys, got {key!r}")
+    return int(key)
+
+
+def _check(metadata: Mapping[str, Any], value: Any, key: str) -> None:
+    """Apply the ``min``, ``max``, ``choices`` and ``check`` constraints of a field's metadata."""
+    if value is None:
+        return
+    if "min" in metadata and value < metadata["min"]:
+        raise ConfigError(f"{key}: must be >= {metadata['min']}, got {value!r}")
+    if "max" in metadata and value > metadata["max"]:
+        raise ConfigError(f"{key}: must be <= {metadata['max']}, got {value!r}")
+    if "choices" in metadata and value not in metadata["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, metadata['choices']))}; got {value!r}")
+    if "check" in metadata:
+        metadata["check"](value, key)
+
+
+def _resolve_env(
+    cls: type[DataclassInstance], path: tuple[str, ...], name: str
+) -> tuple[Any, Mapping[str, Any]]:
+    """The type and field metadata of the key that the variable ``name`` (split into ``path``) sets."""
+    tp: Any = cls
+    metadata: Mapping[str, Any] = {}
+    dotted = ".".join(path)
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
+        if part not in fields:
+            raise ConfigError(f"{name}: matches no configuration key ({dotted} does not exist)")
+        tp, metadata = _hints(tp)[part], fields[part].metadata
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{name}: {dotted} is a section; set its keys one by one")
+    if _is_table_array(tp):
+        raise ConfigError(f"{name}: {dotted} is an array of tables, which cannot be set from the environment")
+    return tp, metadata
+
+
+def _parse_env(tp: Any, text: str, label: str) -> object:
+    """The value of an environment variable as tomllib would have parsed it for a field of type ``tp``."""
+    tp, optional = _unwrap_optional(tp)
+    if optional and text == "":
+        return None
+    if tp is bool:
+        word = text.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"{label}: expected a boolean (true/false, 1/0, yes/no, on/off), got {text!r}")
+    if tp is int or tp is float:
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{label}: expected {_EXPECTED[tp]}, got {text!r}") from None
+    if tp is str:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            f"{label}: expected a TOML inline value such as [1, 2] or {{ a = 1 }}: {e}"
+        ) from None
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as e:
+        raise ConfigError(f"{os.fsdecode(path)}: cannot read the config file: {e.strerror}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{os.fsdecode(path)}: invalid TOML: {e}") from e
+
+
+def _dump_table(section: DataclassInstance, name: str, array: bool, out: list[str]) -> None:
+    """Append ``section`` as the table ``name`` (an element of an array of tables if ``array``)."""
+    scalars: list[str] = []
+    tables: list[tuple[str, DataclassInstance, bool]] = []
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), _unwrap_optional(_hints(type(section))[f.name])[0]
+        full = _join(name, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(tp):
+            tables.append((full, value, False))
+        elif _is_table_array(tp) and value:
+            tables.extend((full, v, True) for v in value)
+        else:
+            scalars.append(f"{f.name} = {_toml_value(value)}")
+    if array or (name and scalars):
+        out += ["", f"[[{name}]]" if array else f"[{name}]"]
+    out += scalars
+    for full, table, is_array in tables:
+        _dump_table(table, full, is_array, out)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return f'"{value.translate(_ESCAPES)}"'
+    if isinstance(value, list):
+        return f"[{', '.join(map(_toml_value, value))}]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_value(key)

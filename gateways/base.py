@@ -1,0 +1,86 @@
+"""The broker interface every gateway uses (DESIGN §2): served by the embedded core broker
+(:class:`core.broker.embedded.EmbeddedBroker`) or, in edge mode, by an upstream MQTT broker.
+
+Gateways never import broker internals; they open a session per device and act on it through
+:class:`SessionHandle`. Deliveries come back through the :class:`DeliverySink` they pass in, at most
+``max_inflight`` QoS 1/2 messages unacknowledged at a time, so a gateway can hold MQTT-SN's one-in-flight
+rule without dropping anything: the rest waits in the broker session's bounded queue.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
+
+__all__ = [
+    "AuthResult",
+    "Broker",
+    "ClientInfo",
+    "Credentials",
+    "DeliverySink",
+    "Message",
+    "SessionHandle",
+    "Subscription",
+    "Will",
+]
+
+
+class SessionHandle(Protocol):
+    """One device's broker session. Reason codes are MQTT 5 codes (0 success, >= 0x80 failure)."""
+
+    @property
+    def present(self) -> bool:
+        """The session existed before (clean start false and state kept)."""
+        ...
+
+    async def publish(self, message: Message) -> int:
+        """Publish from the device; 0 or 0x10 (no subscribers) on success."""
+        ...
+
+    async def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
+        """Granted QoS per subscription, or a failure reason code; retained messages follow as deliveries."""
+        ...
+
+    async def unsubscribe(self, filters: list[str]) -> list[int]: ...
+
+    async def ack(self, packet_id: int) -> None:
+        """The device acknowledged a QoS 1 delivery (PUBACK) or completed a QoS 2 one (PUBCOMP)."""
+        ...
+
+    async def received(self, packet_id: int) -> None:
+        """The device sent PUBREC for a QoS 2 delivery."""
+        ...
+
+    async def set_will(self, will: Will | None) -> None:
+        """Replace or delete the will (MQTT-SN WILLTOPICUPD/WILLMSGUPD)."""
+        ...
+
+    def park(self) -> None:
+        """The device sleeps: the broker queues its deliveries (bounded)."""
+        ...
+
+    def resume(self) -> None:
+        """The device is awake: queued deliveries flow again through the sink."""
+        ...
+
+    async def close(self, *, publish_will: bool) -> None:
+        """The device is gone: normally (no will) or lost (will published)."""
+        ...
+
+
+class Broker(Protocol):
+    """What a gateway needs from a broker."""
+
+    async def authenticate(self, client: ClientInfo, credentials: Credentials) -> AuthResult: ...
+
+    async def open_session(
+        self,
+        client: ClientInfo,
+        *,
+        clean_start: bool,
+        expiry: int,
+        will: Will | None,
+        sink: DeliverySink,
+        max_inflight: int,
+    ) -> SessionHandle: ...

@@ -1,0 +1,1 @@
+"""LwM2M gateway (issue 5): device registry and management through MQTT."""
