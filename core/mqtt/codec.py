@@ -232,7 +232,8 @@ class Connack:
 
 @dataclass(slots=True)
 class Publish:
-    """PUBLISH (§3.3). ``topic`` may be empty when a v5 topic alias stands for it."""
+    """PUBLISH (§3.3). ``topic`` may be empty when a v5 topic alias stands for it. ``wire``, set by the
+    decoder, holds the packet as received: the bytes before and after the packet id."""
 
     topic: str
     payload: bytes = b""
@@ -241,6 +242,7 @@ class Publish:
     dup: bool = False
     packet_id: int = 0
     properties: Properties = EMPTY_PROPERTIES
+    wire: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -392,7 +394,7 @@ def encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
     value = 0
     shift = 0
     for _ in range(4):
@@ -425,7 +427,7 @@ class _Reader:
 
     __slots__ = ("data", "end", "pos")
 
-    def __init__(self, data: bytes | bytearray | memoryview, pos: int, end: int) -> None:
+    def __init__(self, data: bytes, pos: int, end: int) -> None:
         self.data = data
         self.pos = pos
         self.end = end
@@ -641,37 +643,35 @@ def _decode_connect(r: _Reader) -> Connect:
     return Connect(client_id, version, bool(flags & 0x02), keepalive, will, username, password, props, name)
 
 
-def _decode_publish(
-    data: bytes | bytearray | memoryview, flags: int, pos: int, end: int, version: int
-) -> Publish:
-    qos = (flags >> 1) & 0x03
+def _decode_publish(data: bytes, first: int, start: int, pos: int, end: int, version: int) -> Publish:
+    """PUBLISH (§3.3). The packet's own bytes are kept in ``wire`` (split around the packet id), so that a
+    broker can forward them unchanged to subscribers whose variant matches (DESIGN §6: encode once)."""
+    qos = (first >> 1) & 0x03
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3", MALFORMED)
-    dup = bool(flags & 0x08)
+    dup = first & 0x08
     if dup and not qos:
         raise MalformedPacket("DUP set on a QoS 0 PUBLISH", MALFORMED)
     if pos + 2 > end:
         raise MalformedPacket("packet truncated", MALFORMED)
-    size = _unpack_u16(data, pos)[0]
-    pos += 2
-    if pos + size > end:
+    topic_end = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+    if topic_end > end:
         raise MalformedPacket("topic length runs past the packet", MALFORMED)
-    raw = bytes(data[pos : pos + size])
-    pos += size
     try:
-        topic = raw.decode()
+        topic = data[pos + 2 : topic_end].decode()
     except UnicodeDecodeError:
         raise MalformedPacket("invalid UTF-8 topic name", MALFORMED) from None
     if "\x00" in topic:
         raise MalformedPacket("topic name contains U+0000", MALFORMED)
+    pos = topic_end
     packet_id = 0
     if qos:
         if pos + 2 > end:
             raise MalformedPacket("packet truncated", MALFORMED)
-        packet_id = _unpack_u16(data, pos)[0]
-        pos += 2
+        packet_id = (data[pos] << 8) | data[pos + 1]
         if not packet_id:
             raise MalformedPacket("packet identifier 0", MALFORMED)
+        pos += 2
     props = EMPTY_PROPERTIES
     if version == 5:
         if pos < end and data[pos] == 0:
@@ -680,7 +680,8 @@ def _decode_publish(
             reader = _Reader(data, pos, end)
             props = _decode_properties(reader, PacketType.PUBLISH)
             pos = reader.pos
-    return Publish(topic, bytes(data[pos:end]), qos, bool(flags & 0x01), dup, packet_id, props)
+    wire = (data[start:topic_end], data[topic_end + 2 : end]) if qos else (data[start:end], b"")
+    return Publish(topic, data[pos:end], qos, bool(first & 0x01), bool(dup), packet_id, props, wire)
 
 
 def _decode_ack(r: _Reader, ptype: PacketType, version: int) -> tuple[int, int, Properties]:
@@ -764,14 +765,13 @@ _REQUIRED_FLAGS = {
 }
 
 
-def decode_packet(
-    data: bytes | bytearray | memoryview, first: int, pos: int, end: int, version: int
-) -> Packet:
-    """Decode one packet whose fixed header byte is ``first`` and body is ``data[pos:end]``."""
+def decode_packet(data: bytes, start: int, pos: int, end: int, version: int) -> Packet:
+    """Decode the packet at ``data[start:end]`` whose body starts at ``pos``."""
+    first = data[start]
     type_value = first >> 4
     flags = first & 0x0F
     if type_value == 3:
-        return _decode_publish(data, flags, pos, end, version)
+        return _decode_publish(data, first, start, pos, end, version)
     if not 1 <= type_value <= 15:
         raise MalformedPacket("reserved packet type 0", MALFORMED)
     ptype = PacketType(type_value)
@@ -832,27 +832,37 @@ class StreamDecoder:
     resynchronise.
     """
 
-    __slots__ = ("_buffer", "error", "max_packet_size", "version")
+    __slots__ = ("_need", "_pending", "error", "max_packet_size", "version")
 
     def __init__(self, max_packet_size: int = MAX_REMAINING_LENGTH + 5, version: int = 5) -> None:
-        self._buffer = bytearray()
+        self._pending = bytearray()
+        self._need = 0
         self.max_packet_size = max_packet_size
         self.version = version
         self.error: MalformedPacket | None = None
 
     def feed(self, data: bytes) -> list[Packet]:
-        """Append ``data`` and return every complete packet before the first bad one (then see ``error``)."""
+        """Decode ``data`` (after any partial packet left from before) and return every complete packet up
+        to the first bad one (then see ``error``). Complete packets are sliced from the bytes as read; only a
+        trailing partial packet is copied aside."""
         if self.error is not None:
             return []
-        buf = self._buffer
-        buf += data
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) < self._need:
+                return []
+            buf = bytes(pending)
+            pending.clear()
+        else:
+            buf = data
         size = len(buf)
         packets: list[Packet] = []
         pos = 0
         version = self.version
+        self._need = 0
         try:
             while size - pos >= 2:
-                first = buf[pos]
                 byte = buf[pos + 1]
                 if byte < 128:
                     length = byte
@@ -871,18 +881,18 @@ class StreamDecoder:
                         ReasonCode.PACKET_TOO_LARGE,
                     )
                 if end > size:
+                    self._need = end - pos
                     break
-                packet = decode_packet(buf, first, body, end, version)
+                packet = decode_packet(buf, pos, body, end, version)
                 if type(packet) is Connect:
                     version = self.version = packet.protocol_version
                 packets.append(packet)
                 pos = end
         except MalformedPacket as exc:
             self.error = exc
-            buf.clear()
             return packets
-        if pos:
-            del buf[:pos]
+        if pos < size:
+            pending += buf[pos:]
         return packets
 
 

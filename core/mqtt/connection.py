@@ -137,13 +137,14 @@ class MqttConnection:
         packets = decoder.feed(data)
         metrics.packets_received += len(packets)
         handlers = self._handlers
+        closed = ConnectionState.CLOSED
         for packet in packets:
             handler = handlers.get(type(packet))
             if handler is None:
                 self._violation(ReasonCode.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}", now)
                 return
             handler(packet, now)  # type: ignore[operator]
-            if self.is_closed:
+            if self.state is closed:
                 return
         if decoder.error is not None:
             metrics.malformed_packets += 1
@@ -307,6 +308,8 @@ class MqttConnection:
                     topic = known
             if alias is not None or props.subscription_identifiers:
                 props = replace(props, topic_alias=None, subscription_identifiers=())
+                if props == EMPTY_PROPERTIES:
+                    props = EMPTY_PROPERTIES
             if props.message_expiry_interval is not None:
                 expires_at = now + props.message_expiry_interval
         if "+" in topic or "#" in topic or not topic:
@@ -335,9 +338,10 @@ class MqttConnection:
                 )
                 return
             awaiting.add(p.packet_id)
-        matched = broker.publish(
-            Message(topic, p.payload, qos, p.retain, self.client_id, props, expires_at), now
-        )
+        message = Message(topic, p.payload, qos, p.retain, self.client_id, props, expires_at)
+        if p.wire is not None and props is EMPTY_PROPERTIES and not p.dup:
+            message.wire = {(self.version == 5, qos, p.retain, False): p.wire}  # forwarded as received
+        matched = broker.publish(message, now)
         if qos:
             self._ack_publish(p, 0 if matched or self.version < 5 else ReasonCode.NO_MATCHING_SUBSCRIBERS)
 
