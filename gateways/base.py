@@ -5,6 +5,11 @@ Gateways never import broker internals; they open a session per device and act o
 :class:`SessionHandle`. Deliveries come back through the :class:`DeliverySink` they pass in, at most
 ``max_inflight`` QoS 1/2 messages unacknowledged at a time, so a gateway can hold MQTT-SN's one-in-flight
 rule without dropping anything: the rest waits in the broker session's bounded queue.
+
+Only the per-connection calls (``authenticate``, ``open_session``) are coroutines: they may wait for an
+upstream broker's CONNACK. The per-message calls are synchronous and answer at once (the embedded broker
+routes in-process; the upstream one acknowledges a QoS 1/2 publish once it holds it in its store-and-forward
+buffer), so a gateway's hot path creates no task or future per message (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -34,25 +39,25 @@ class SessionHandle(Protocol):
         """The session existed before (clean start false and state kept)."""
         ...
 
-    async def publish(self, message: Message) -> int:
+    def publish(self, message: Message) -> int:
         """Publish from the device; 0 or 0x10 (no subscribers) on success."""
         ...
 
-    async def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
+    def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
         """Granted QoS per subscription, or a failure reason code; retained messages follow as deliveries."""
         ...
 
-    async def unsubscribe(self, filters: list[str]) -> list[int]: ...
+    def unsubscribe(self, filters: list[str]) -> list[int]: ...
 
-    async def ack(self, packet_id: int) -> None:
+    def ack(self, packet_id: int) -> None:
         """The device acknowledged a QoS 1 delivery (PUBACK) or completed a QoS 2 one (PUBCOMP)."""
         ...
 
-    async def received(self, packet_id: int) -> None:
+    def received(self, packet_id: int) -> None:
         """The device sent PUBREC for a QoS 2 delivery."""
         ...
 
-    async def set_will(self, will: Will | None) -> None:
+    def set_will(self, will: Will | None) -> None:
         """Replace or delete the will (MQTT-SN WILLTOPICUPD/WILLMSGUPD)."""
         ...
 
@@ -64,7 +69,7 @@ class SessionHandle(Protocol):
         """The device is awake: queued deliveries flow again through the sink."""
         ...
 
-    async def close(self, *, publish_will: bool) -> None:
+    def close(self, *, publish_will: bool) -> None:
         """The device is gone: normally (no will) or lost (will published)."""
         ...
 

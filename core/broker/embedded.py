@@ -33,7 +33,7 @@ class EmbeddedSession:
     def session(self) -> Session:
         return self._session
 
-    async def publish(self, message: Message) -> int:
+    def publish(self, message: Message) -> int:
         why = validate_topic(message.topic, self._broker.config.max_topic_levels)
         if why is not None:
             return ReasonCode.TOPIC_NAME_INVALID
@@ -44,7 +44,7 @@ class EmbeddedSession:
         matched = self._broker.publish(message, self._clock.now())
         return 0 if matched else ReasonCode.NO_MATCHING_SUBSCRIBERS
 
-    async def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
+    def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
         now = self._clock.now()
         codes = []
         retained: list[tuple[Message, Subscription]] = []
@@ -56,13 +56,13 @@ class EmbeddedSession:
             self._session.deliver_retained(message, sub)
         return codes
 
-    async def unsubscribe(self, filters: list[str]) -> list[int]:
+    def unsubscribe(self, filters: list[str]) -> list[int]:
         return [
             0 if self._broker.unsubscribe(self._session, f) else ReasonCode.NO_SUBSCRIPTION_EXISTED
             for f in filters
         ]
 
-    async def ack(self, packet_id: int) -> None:
+    def ack(self, packet_id: int) -> None:
         session = self._session
         entry = session.inflight.get(packet_id)
         if entry is None:
@@ -72,10 +72,10 @@ class EmbeddedSession:
         else:
             session.pubcomp(packet_id, self._clock.now())
 
-    async def received(self, packet_id: int) -> None:
+    def received(self, packet_id: int) -> None:
         self._session.pubrec(packet_id)
 
-    async def set_will(self, will: Will | None) -> None:
+    def set_will(self, will: Will | None) -> None:
         self._session.will = will
 
     def park(self) -> None:
@@ -87,7 +87,7 @@ class EmbeddedSession:
         session.resend_inflight()
         session.drain(self._clock.now())
 
-    async def close(self, *, publish_will: bool) -> None:
+    def close(self, *, publish_will: bool) -> None:
         if self._closed:
             return
         self._closed = True
