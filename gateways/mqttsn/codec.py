@@ -590,13 +590,7 @@ def _encode_body(m: Message) -> tuple[int, bytes]:
     if isinstance(m, Puback):
         return MsgType.PUBACK, _HHB.pack(m.topic_id, m.msg_id, m.return_code)
     if isinstance(m, Pubrec | Pubrel | Pubcomp | Unsuback):
-        kind = {
-            Pubrec: MsgType.PUBREC,
-            Pubrel: MsgType.PUBREL,
-            Pubcomp: MsgType.PUBCOMP,
-            Unsuback: MsgType.UNSUBACK,
-        }
-        return kind[type(m)], _H.pack(m.msg_id)
+        return _TYPE_OF[type(m)], _H.pack(m.msg_id)
     if isinstance(m, Register):
         return MsgType.REGISTER, _HH.pack(m.topic_id, m.msg_id) + m.topic_name.encode()
     if isinstance(m, Regack):
@@ -621,12 +615,7 @@ def _encode_body(m: Message) -> tuple[int, bytes]:
     if isinstance(m, WillMsg | WillMsgUpd):
         return (MsgType.WILLMSG if isinstance(m, WillMsg) else MsgType.WILLMSGUPD), m.message
     if isinstance(m, Connack | WillTopicResp | WillMsgResp):
-        kind = {
-            Connack: MsgType.CONNACK,
-            WillTopicResp: MsgType.WILLTOPICRESP,
-            WillMsgResp: MsgType.WILLMSGRESP,
-        }
-        return kind[type(m)], bytes((m.return_code,))
+        return _TYPE_OF[type(m)], bytes((m.return_code,))
     if isinstance(m, Pingreq):
         return MsgType.PINGREQ, m.client_id.encode() if m.client_id else b""
     if isinstance(m, Disconnect):
@@ -638,12 +627,7 @@ def _encode_body(m: Message) -> tuple[int, bytes]:
     if isinstance(m, GwInfo):
         return MsgType.GWINFO, bytes((m.gw_id,)) + m.gw_addr
     if isinstance(m, WillTopicReq | WillMsgReq | Pingresp):
-        kind = {
-            WillTopicReq: MsgType.WILLTOPICREQ,
-            WillMsgReq: MsgType.WILLMSGREQ,
-            Pingresp: MsgType.PINGRESP,
-        }
-        return kind[type(m)], b""
+        return _TYPE_OF[type(m)], b""
     raise TypeError(f"not an MQTT-SN message: {m!r}")
 
 
