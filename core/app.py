@@ -1,4 +1,5 @@
-"""The running suite: the broker, its listeners and its periodic duties, started and stopped as one."""
+"""The running suite: the broker, its listeners, the gateways and their periodic duties, started and stopped
+as one."""
 
 from __future__ import annotations
 
@@ -6,58 +7,84 @@ import asyncio
 import logging
 import random
 import socket
+from typing import Protocol
 
 from core.broker.broker import Broker
+from core.broker.embedded import EmbeddedBroker
+from core.clock import LoopClock
 from core.config import Config, parse_bind
 from core.errors import ConfigError
 from core.listeners.tcp import MqttTcpListener
-from core.mqtt.numbers import ReasonCode
 
-__all__ = ["App"]
+__all__ = ["App", "Listener"]
 
 log = logging.getLogger("mqgate")
 
 TICK_SECONDS = 1.0
 
 
+class Listener(Protocol):
+    """A started listener or gateway socket."""
+
+    name: str
+
+    @property
+    def address(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class App:
-    """Owns the broker and the listeners; ``start`` binds every address, ``stop`` closes them all."""
+    """Owns the broker, the listeners and the gateways; ``start`` binds every address, ``stop`` closes all."""
 
     def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.rng = rng or random.Random()
         self.broker: Broker | None = None
-        self.listeners: dict[str, MqttTcpListener] = {}
+        self.listeners: dict[str, Listener] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the broker and listeners; raises ConfigError naming the address that cannot be bound."""
+        """Start the broker, listeners and gateways; ConfigError names an address that cannot be bound."""
         loop = asyncio.get_running_loop()
-        self.broker = Broker(
+        broker = self.broker = Broker(
             self.config.broker,
             rng=self.rng,
             node_name=f"mqgate@{socket.gethostname()}",
             started_at=loop.time(),
         )
+        embedded = EmbeddedBroker(broker, LoopClock(loop))
         tcp = self.config.listeners.tcp
+        mqttsn = self.config.gateways.mqttsn
         try:
             if tcp.enabled:
                 host, port = parse_bind(tcp.bind, "listeners.tcp.bind")
-                listener = MqttTcpListener(
-                    self.broker, host, port, max_connections=tcp.max_connections, backlog=tcp.backlog
+                await self._start(
+                    MqttTcpListener(
+                        broker, host, port, max_connections=tcp.max_connections, backlog=tcp.backlog
+                    ),
+                    "listeners.tcp.bind",
+                    tcp.bind,
                 )
-                try:
-                    await listener.start()
-                except OSError as exc:
-                    raise ConfigError(
-                        f"listeners.tcp.bind: cannot listen on {tcp.bind}: {exc.strerror}"
-                    ) from None
-                self.listeners[listener.name] = listener
-                log.info("%s listening on %s", listener.name, listener.address)
+            if mqttsn.enabled:
+                from gateways.mqttsn.adapter import MqttSnUdpGateway
+
+                await self._start(MqttSnUdpGateway(mqttsn, embedded), "gateways.mqttsn.bind", mqttsn.bind)
         except BaseException:
             await self.stop()
             raise
         self._ticker = asyncio.create_task(self._tick(), name="mqgate-tick")
+
+    async def _start(self, listener: Listener, key: str, bind: str) -> None:
+        try:
+            await listener.start()
+        except OSError as exc:
+            await listener.stop()
+            raise ConfigError(f"{key}: cannot listen on {bind}: {exc.strerror or exc}") from None
+        self.listeners[listener.name] = listener
+        log.info("%s listening on %s", listener.name, listener.address)
 
     async def _tick(self) -> None:
         """Will delays, session expiry and $SYS, once a second (their units are seconds)."""
@@ -75,13 +102,13 @@ class App:
             await asyncio.sleep(TICK_SECONDS)
 
     async def stop(self) -> None:
-        """Close listeners and connections (v5 clients get DISCONNECT 0x8B), publish pending wills."""
+        """Close gateways, listeners, connections (v5 clients get DISCONNECT 0x8B); publish pending wills."""
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
-        for listener in self.listeners.values():
-            await listener.stop(ReasonCode.SERVER_SHUTTING_DOWN)
+        for listener in reversed(list(self.listeners.values())):
+            await listener.stop()
         self.listeners.clear()
         if self.broker is not None:
             self.broker.shutdown(asyncio.get_running_loop().time())

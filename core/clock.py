@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-__all__ = ["Clock", "FakeClock", "MonotonicClock"]
+__all__ = ["Clock", "FakeClock", "LoopClock", "MonotonicClock"]
 
 
 class Clock(Protocol):
@@ -25,6 +25,25 @@ class MonotonicClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+class _HasTime(Protocol):
+    def time(self) -> float: ...
+
+
+class LoopClock:
+    """An event loop's clock (``loop.time()``), so pure code and the loop's timers agree on ``now``."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: _HasTime) -> None:
+        self._loop = loop
+
+    def now(self) -> float:
+        return self._loop.time()
 
     def wall(self) -> float:
         return time.time()

@@ -42,8 +42,10 @@ __all__ = [
     "ENV_PREFIX",
     "BrokerConfig",
     "Config",
+    "GatewaysConfig",
     "ListenersConfig",
     "LogConfig",
+    "MqttSnConfig",
     "TcpListenerConfig",
     "apply_env",
     "build_section",
@@ -133,12 +135,57 @@ class LogConfig:
     format: str = field(default="text", metadata={"choices": ("text", "json")})
 
 
+def _check_predefined(value: dict[int, str], key: str) -> None:
+    for topic_id, name in value.items():
+        if not 1 <= topic_id <= 0xFFFE:
+            raise ConfigError(f"{key}: topic id {topic_id} outside 1..65534")
+        if not name or "+" in name or "#" in name:
+            raise ConfigError(f"{key}: {name!r} is not a topic name")
+
+
+@dataclass(slots=True, frozen=True)
+class MqttSnConfig:
+    """The MQTT-SN 1.2 gateway (``[gateways.mqttsn]``). Timer defaults follow MQTT-SN 1.2 §6.13 and §7.2."""
+
+    enabled: bool = True
+    bind: str = field(default="0.0.0.0:1884", metadata={"check": parse_bind})
+    gateway_id: int = field(default=1, metadata={"min": 0, "max": 255})
+    advertise_interval: int = field(default=900, metadata={"min": 0, "max": 65535})  # s, 0 = no ADVERTISE
+    advertise_address: str = field(default="255.255.255.255:1884", metadata={"check": parse_bind})
+    enable_qos3: bool = True  # QoS -1 PUBLISH without a connection (§6.8)
+    qos3_clientid: str = "mqttsn-qos3"  # the broker session QoS -1 messages are published from
+    predefined: dict[int, str] = field(default_factory=dict, metadata={"check": _check_predefined})
+    clientid_prefix: str = ""  # broker client id = prefix + MQTT-SN client id
+    username: str = ""  # credentials added to every device's authentication ("" = none)
+    password: str = ""
+    max_inflight: int = field(default=1, metadata={"min": 1, "max": 65535})  # §6.6: one QoS 1/2 at a time
+    t_retry: float = field(default=10.0, metadata={"min": 0.1})  # §6.13 T_retry
+    n_retry: int = field(default=3, metadata={"min": 0})  # §6.13 N_retry
+    keepalive_tolerance_long: float = field(default=1.1, metadata={"min": 1.0})  # §7.2: +10 % over 60 s
+    keepalive_tolerance_short: float = field(default=1.5, metadata={"min": 1.0})  # §7.2: +50 % below
+    idle_timeout: float = field(default=30.0, metadata={"min": 0.1})  # unfinished will handshake
+    session_expiry: int = field(default=7200, metadata={"min": 0})  # clean session 0 sessions, seconds
+    max_topics: int = field(
+        default=1024, metadata={"min": 1, "max": 65534}
+    )  # registered topic ids per client
+    max_pending: int = field(default=100, metadata={"min": 1})  # deliveries waiting for a REGACK per client
+    max_clients: int = field(default=100_000, metadata={"min": 1})
+
+
+@dataclass(slots=True, frozen=True)
+class GatewaysConfig:
+    """The protocol gateways (``[gateways.*]``)."""
+
+    mqttsn: MqttSnConfig = field(default_factory=MqttSnConfig)
+
+
 @dataclass(slots=True, frozen=True)
 class Config:
     """The whole configuration: one field per top-level TOML table."""
 
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    gateways: GatewaysConfig = field(default_factory=GatewaysConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

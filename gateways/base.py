@@ -61,6 +61,10 @@ class SessionHandle(Protocol):
         """Replace or delete the will (MQTT-SN WILLTOPICUPD/WILLMSGUPD)."""
         ...
 
+    def pending(self) -> int:
+        """Deliveries not yet acknowledged by the device: queued plus in flight."""
+        ...
+
     def park(self) -> None:
         """The device sleeps: the broker queues its deliveries (bounded)."""
         ...

@@ -22,16 +22,23 @@ from core.config import Config, build_section
 T = TypeVar("T")
 
 
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
 class RunningBroker:
     """A started App: ``port`` to connect to, ``call`` to run code on its loop (to inspect the broker)."""
 
     def __init__(self, overrides: dict[str, Any]) -> None:
-        data: dict[str, Any] = {"listeners": {"tcp": {"bind": "127.0.0.1:0"}}, "broker": {"sys_interval": 0}}
+        data: dict[str, Any] = {
+            "listeners": {"tcp": {"bind": "127.0.0.1:0"}},
+            "broker": {"sys_interval": 0},
+            "gateways": {"mqttsn": {"bind": "127.0.0.1:0", "advertise_interval": 0}},
+        }
         for section, values in overrides.items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section] = {**data[section], **values}
-            else:
-                data[section] = values
+            data[section] = _merge(data.get(section), values)
         self.config = build_section(Config, data)
         self.app = App(self.config)
         self.loop = asyncio.new_event_loop()

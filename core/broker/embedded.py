@@ -78,6 +78,9 @@ class EmbeddedSession:
     def set_will(self, will: Will | None) -> None:
         self._session.will = will
 
+    def pending(self) -> int:
+        return len(self._session.queue) + len(self._session.inflight)
+
     def park(self) -> None:
         self._session.parked = True
 

@@ -13,7 +13,8 @@ import socket
 from typing import cast
 
 from core.broker.broker import Broker
-from core.mqtt.connection import MqttConnection
+from core.mqtt.connection import ConnectionState, MqttConnection
+from core.mqtt.numbers import ReasonCode
 
 __all__ = ["MqttTcpListener"]
 
@@ -69,7 +70,14 @@ class _MqttProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         connection = self.connection
         if connection is not None:
-            connection.data_received(data, self.listener.loop.time())
+            now = self.listener.loop.time()
+            awaiting = connection.state is ConnectionState.AWAITING_CONNECT
+            connection.data_received(data, now)
+            if awaiting and connection.state is ConnectionState.CONNECTED:
+                # The CONNECT timeout is over: from now on the keepalive deadline applies (§3.1.2.10).
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._arm(connection.check_keepalive(now))
 
     def eof_received(self) -> bool:
         return False
@@ -169,7 +177,7 @@ class MqttTcpListener:
         for protocol in dirty:
             protocol.flush()
 
-    async def stop(self, reason_code: int) -> None:
+    async def stop(self, reason_code: int = ReasonCode.SERVER_SHUTTING_DOWN) -> None:
         """Stop accepting, and close every connection with ``reason_code`` (v5 DISCONNECT)."""
         if self._server is not None:
             self._server.close()

@@ -4,9 +4,10 @@ Hand-written ``struct`` code: it reads untrusted radio input at high rates.
 
 Malformed-input policy: :func:`decode` raises :class:`MalformedPacket` (code 0x03, "not supported") for a
 datagram whose Length field disagrees with its size, a reserved message type, a truncated or over-long body,
-or invalid UTF-8. The gateway drops such a datagram, counts it, and logs it once per peer; a datagram carries
-one message, so nothing else is lost. Semantic checks (client id length, reserved topic ids, states) belong to
-the channel, which answers them with return codes.
+invalid UTF-8, or a forwarder encapsulation with a 3-octet Length (§5.5 gives it one octet) or a nested one
+(which would recurse without bound). The gateway drops such a datagram, counts it, and logs it once per peer;
+a datagram carries one message, so nothing else is lost. Semantic checks (client id length, reserved topic
+ids, states) belong to the channel, which answers them with return codes.
 """
 
 from __future__ import annotations
@@ -381,11 +382,13 @@ def decode(data: bytes) -> Message:
     """Decode one datagram; raises :class:`MalformedPacket` (see the module's policy)."""
     length, header, msg_type = _split(data)
     if msg_type == MsgType.ENCAPSULATED:
-        if length < header + 2 or length > len(data):
+        if header != 1 or length < 3 or length > len(data):
             raise MalformedPacket("bad encapsulation length", _BAD)
         inner = data[length:]
         if not inner:
             raise MalformedPacket("encapsulation without a message", _BAD)
+        if _split(inner)[2] == MsgType.ENCAPSULATED:
+            raise MalformedPacket("nested encapsulation", _BAD)
         return Encapsulated(data[header + 2 : length], decode(inner), data[header + 1] & 0x03)
     if length != len(data):
         raise MalformedPacket(f"Length field {length} but datagram of {len(data)} bytes", _BAD)

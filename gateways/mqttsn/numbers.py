@@ -1,12 +1,11 @@
-"""MQTT-SN 1.2 numbers: message types, return codes, flags, and the timer table (MQTT-SN 1.2 §5.2-§5.3, §6.13,
-§7.2)."""
+"""MQTT-SN 1.2 numbers: message types, return codes and flags (MQTT-SN 1.2 §5.2-§5.3). The timers of §6.13 and
+§7.2 are configuration (:class:`core.config.MqttSnConfig`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["MAX_CLIENT_ID", "PROTOCOL_ID", "MsgType", "ReturnCode", "TopicIdType", "Tuning"]
+__all__ = ["MAX_CLIENT_ID", "PROTOCOL_ID", "MsgType", "ReturnCode", "TopicIdType"]
 
 PROTOCOL_ID = 0x01
 MAX_CLIENT_ID = 23
@@ -61,14 +60,3 @@ class TopicIdType(IntEnum):
     PREDEFINED = 0b01
     SHORT = 0b10
     RESERVED = 0b11
-
-
-@dataclass(frozen=True, slots=True)
-class Tuning:
-    """The timers and counters of §6.13 and §7.2, as configurable defaults."""
-
-    t_retry: float = 10.0  # seconds before a QoS 1/2 PUBLISH or REGISTER is sent again (T_retry 10-15 s)
-    n_retry: int = 3  # retransmissions before the client counts as lost (N_retry 3-5)
-    keepalive_tolerance_long: float = 1.1  # +10 % for keep-alive periods over 60 s (§7.2)
-    keepalive_tolerance_short: float = 1.5  # +50 % for shorter ones (§7.2)
-    connect_timeout: float = 30.0  # a peer that starts CONNECT but never finishes the will handshake
