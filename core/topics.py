@@ -28,6 +28,8 @@ def validate_topic(topic: str, max_levels: int = 128) -> str | None:
         return "empty topic name"
     if "+" in topic or "#" in topic:
         return "wildcard in a topic name"
+    if "\x00" in topic:
+        return "U+0000 in a topic name"
     if len(topic.encode()) > 65535:
         return "topic name longer than 65535 bytes"
     if topic.count("/") >= max_levels:
@@ -39,6 +41,8 @@ def validate_filter(topic_filter: str, max_levels: int = 128) -> str | None:
     """Return why ``topic_filter`` is not a valid topic filter, or None (§4.7.1)."""
     if not topic_filter:
         return "empty topic filter"
+    if "\x00" in topic_filter:
+        return "U+0000 in a topic filter"
     levels = topic_filter.split("/")
     if len(levels) > max_levels:
         return f"topic filter deeper than {max_levels} levels"

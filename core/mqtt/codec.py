@@ -712,12 +712,14 @@ def _decode_subscribe(r: _Reader, version: int) -> Subscribe:
         topic_filter = r.string()
         options = r.u8()
         qos = options & 0x03
-        if qos == 3:
-            raise MalformedPacket("subscription QoS 3", MALFORMED)
+        if qos == 3:  # v5 §3.8.3.1 calls it a Protocol Error, 3.1.1 §3.8.3.1 a malformed packet
+            raise MalformedPacket("subscription QoS 3", PROTOCOL if version == 5 else MALFORMED)
         if version == 5:
             retain_handling = (options >> 4) & 0x03
-            if options & 0xC0 or retain_handling == 3:
+            if options & 0xC0:
                 raise MalformedPacket("reserved subscription option bits set", MALFORMED)
+            if retain_handling == 3:
+                raise MalformedPacket("retain handling 3", PROTOCOL)
             subs.append(
                 SubscriptionRequest(
                     topic_filter, qos, bool(options & 0x04), bool(options & 0x08), retain_handling
