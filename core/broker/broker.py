@@ -95,7 +95,8 @@ class Broker:
             old_sink = session.sink
             self.metrics.sessions_taken_over += 1
             log.info("client %s (%s) takes over the session from another connection", client_id, client.peer)
-            self.connection_lost(session, publish_will=True, now=now, takeover=True)
+            # Clean Start 1 ends the session, so a delayed will is due now (§3.1.3.2).
+            self.connection_lost(session, publish_will=True, now=now, takeover=not clean_start)
             old_sink.kick(ReasonCode.SESSION_TAKEN_OVER)
             session = self.sessions.get(client_id)
         present = session is not None and not clean_start

@@ -111,6 +111,7 @@ class MqttConnection:
         self._aliases_in: dict[int, str] = {}
         self._aliases_out: dict[str, int] = {}
         self._early: list[bytes] | None = None
+        self._stream_started = False
         self._handlers = {
             Publish: self._on_publish,
             Puback: self._on_puback,
@@ -132,6 +133,17 @@ class MqttConnection:
             return
         self.last_seen = now
         metrics = self.broker.metrics
+        if not self._stream_started and data:
+            self._stream_started = True
+            if data[0] != 0x10:  # the first packet must be CONNECT (§3.1): no need to wait for its body
+                metrics.malformed_packets += 1
+                log.warning(
+                    "connection from %s did not start with CONNECT (first byte 0x%02x), closing",
+                    self.peer,
+                    data[0],
+                )
+                self._close(now, publish_will=False)
+                return
         metrics.bytes_received += len(data)
         decoder = self.decoder
         packets = decoder.feed(data)
@@ -262,8 +274,8 @@ class MqttConnection:
                 wildcard_subscription_available=None if config.wildcard_subscription else 0,
                 shared_subscription_available=None if config.shared_subscription else 0,
             )
+        early, self._early = self._early, None  # CONNACK first, then what the session resent (§3.2)
         self._write(encode(Connack(present, 0, connack_props), self.version))
-        early, self._early = self._early, None
         for data in early:
             self._write(data)
         log.debug(
@@ -339,7 +351,7 @@ class MqttConnection:
                 return
             awaiting.add(p.packet_id)
         message = Message(topic, p.payload, qos, p.retain, self.client_id, props, expires_at)
-        if p.wire is not None and props is EMPTY_PROPERTIES and not p.dup:
+        if p.wire is not None and p.properties is EMPTY_PROPERTIES and not p.dup:  # no alias in the bytes
             message.wire = {(self.version == 5, qos, p.retain, False): p.wire}  # forwarded as received
         matched = broker.publish(message, now)
         if qos:
@@ -523,6 +535,9 @@ class MqttConnection:
         expiry = None
         if message.expires_at is not None and self.session is not None:
             expiry = max(0, int(message.expires_at - self.last_seen + 0.999))
+            original = message.properties.message_expiry_interval
+            if original is not None and expiry > original:  # last_seen is older than the message
+                expiry = original
         props = message.properties
         if sub_ids or alias is not None or expiry is not None:
             props = replace(
