@@ -1,0 +1,535 @@
+"""Side-by-side MQTT 3.1.1 broker benchmark: mqgate against mosquitto and amqtt.
+
+Each broker is started in turn on a free loopback port (a fresh process per scenario) and pinned to one core,
+while the load generator (``_loadgen.py``: raw sockets, pre-encoded pipelined PUBLISHes, a subscriber that
+parses the byte stream itself) runs on another. For every scenario and broker it prints delivered msgs/s,
+p50/p99 latency, the broker's own CPU time per delivered message (utime+stime from /proc/<pid>/stat) and
+mqgate's msgs/s divided by each peer's, then one JSON line with every figure. See bench/README.md.
+
+    python bench/broker.py [--quick] [--brokers mqgate,mosquitto,amqtt] [--scenarios a,b,c,d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from _loadgen import HOST, Load, LoadError, RunResult, run
+
+REPO = Path(__file__).resolve().parent.parent
+AMQTT_VENV = REPO / "bench" / ".venv-amqtt"
+AMQTT_REQUIREMENT = "amqtt==0.12.1"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+RUN_S, QUICK_RUN_S = 5.0, 1.0
+"""Publishing time per scenario; the count (a tenth with --quick) may end it sooner."""
+DRAIN_S, QUICK_DRAIN_S = 5.0, 2.0
+"""Longest wait for the last deliveries once publishing has stopped."""
+BUSY_OTHER_PCT = 25.0
+"""Rows where anything else kept the two CPUs busier than this are flagged: msgs/s not comparable."""
+
+
+class Unavailable(Exception):
+    """A broker cannot be run on this machine (not installed, install failed)."""
+
+
+class StartError(Exception):
+    """A broker process exited or never accepted connections."""
+
+
+# ---------------------------------------------------------------- brokers
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    name: str
+    command: Callable[[Path, int], list[str]]
+    """Writes the broker's configuration into a directory and returns its command line for a port."""
+
+
+def _mqgate_command(workdir: Path, port: int) -> list[str]:
+    config = workdir / "mqgate.toml"
+    # The same limits as mosquitto's below: 100 QoS 1 messages in flight, a queue that does not drop.
+    config.write_text(
+        f'[listeners.tcp]\nbind = "{HOST}:{port}"\n\n[log]\nlevel = "warning"\n\n'
+        "[broker]\nmax_inflight = 100\nmax_mqueue_len = 1000000\n"
+    )
+    return [sys.executable, "-m", "core.cli", "--config", str(config)]
+
+
+def _mosquitto_command(workdir: Path, port: int) -> list[str]:
+    exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if exe is None:
+        raise Unavailable("mosquitto not found (apt-get install mosquitto)")
+    config = workdir / "mosquitto.conf"
+    # mosquitto 2.0 drops QoS 0 deliveries to a client with max_queued_messages packets waiting to be
+    # written, so the queue limits are lifted; 100 QoS 1 messages in flight match the publisher's window.
+    # TCP_NODELAY as asyncio sets it for mqgate and amqtt. With Nagle's algorithm on (mosquitto's default)
+    # mosquitto spends less CPU per message, but 1 -> 1 stalls on delayed ACKs once the publisher's window
+    # keeps less than a segment queued.
+    config.write_text(
+        f"listener {port} {HOST}\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "max_queued_messages 1000000\n"
+        "max_queued_bytes 0\n"
+        "max_inflight_messages 100\n"
+        "set_tcp_nodelay true\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n"
+    )
+    return [exe, "-c", str(config)]
+
+
+def _amqtt_command(workdir: Path, port: int) -> list[str]:
+    exe = _ensure_amqtt()
+    config = workdir / "amqtt.yaml"
+    config.write_text(
+        "listeners:\n"
+        "  default:\n"
+        "    type: tcp\n"
+        f"    bind: {HOST}:{port}\n"
+        "plugins:\n"
+        "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+        "    allow_anonymous: true\n"
+    )
+    return [str(exe), "-c", str(config)]
+
+
+def _ensure_amqtt() -> Path:
+    """amqtt in its own virtual environment (it pins its own dependencies), created once and kept."""
+    exe = AMQTT_VENV / "bin" / "amqtt"
+    if exe.exists():
+        return exe
+    print(f"amqtt: installing {AMQTT_REQUIREMENT} into {AMQTT_VENV.relative_to(REPO)} (once)", flush=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(AMQTT_VENV)],
+        [str(AMQTT_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", AMQTT_REQUIREMENT],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Unavailable(f"install failed: {exc}") from exc
+        if done.returncode != 0:
+            raise Unavailable(f"install failed: {_tail(done.stdout + done.stderr)}")
+    if not exe.exists():
+        raise Unavailable(f"install did not provide {exe}")
+    return exe
+
+
+BROKERS = {
+    b.name: b
+    for b in (
+        Broker("mqgate", _mqgate_command),
+        Broker("mosquitto", _mosquitto_command),
+        Broker("amqtt", _amqtt_command),
+    )
+}
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(no output)"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StartError(f"exited with code {proc.returncode}: {_tail(log.read_text(errors='replace'))}")
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+        except OSError:
+            time.sleep(0.05)
+        else:
+            return
+    raise StartError(f"not accepting connections on port {port} after {START_TIMEOUT_S:.0f} s")
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    """Pins every thread the broker has; threads it starts later inherit the mask."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(STOP_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def _running(
+    broker: Broker, workdir: Path, label: str, cpus: set[int] | None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Starts the broker, yields (process, port) once it accepts connections; always stops and reaps it."""
+    port = _free_port()
+    argv = broker.command(workdir, port)
+    log = workdir / f"{broker.name}-{label}.log"
+    with log.open("wb") as out:
+        # Ctrl-C is held back until ``proc`` is bound, so the finally below always gets to stop the broker.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # nor does a Ctrl-C for the benchmark reach the broker
+            )
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            raise StartError(str(exc)) from exc
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _wait_listening(proc, port, log)
+            if cpus:
+                _pin_threads(proc.pid, cpus)
+            yield proc, port
+        finally:
+            _stop(proc)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds(cpus: set[int]) -> float:
+    """Time ``cpus`` were not idle: user, nice, system, irq, softirq and steal in /proc/stat."""
+    ticks = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *columns = line.split()
+            if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, columns[:8])
+                ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _probe(pid: int, cpus: set[int] | None) -> tuple[float, float | None]:
+    return _cpu_seconds(pid), _busy_seconds(cpus) if cpus else None
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    qos: int
+    topics: tuple[str, ...]
+    subscriptions: tuple[tuple[str, ...], ...]
+    fanout: int
+    count: int
+    """Publishes in a default run; ``--quick`` uses a tenth."""
+
+    def load(self, port: int, quick: bool) -> Load:
+        return Load(
+            port=port,
+            qos=self.qos,
+            topics=self.topics,
+            subscriptions=self.subscriptions,
+            fanout=self.fanout,
+            count=self.count // 10 if quick else self.count,
+            seconds=QUICK_RUN_S if quick else RUN_S,
+            drain_s=QUICK_DRAIN_S if quick else DRAIN_S,
+        )
+
+
+def _wildcard_scenario() -> Scenario:
+    """10,000 wildcard filters over 10 connections; each topic matches exactly 2 filters on 2 connections."""
+    groups, connections = 5000, 10
+    filters: list[list[str]] = [[] for _ in range(connections)]
+    for g in range(groups):
+        filters[g % connections].append(f"bench/d/{g}/+/x")
+        filters[(g + 1) % connections].append(f"bench/d/{g}/#")
+    topics = [f"bench/d/{g}/{g % 7}/x" for g in range(groups)]
+    random.Random(1).shuffle(topics)
+    return Scenario(
+        "d",
+        "10k wildcard subs",
+        0,
+        tuple(topics),
+        tuple(tuple(f) for f in filters),
+        fanout=2,
+        count=1_000_000,
+    )
+
+
+SCENARIOS = {
+    s.key: s
+    for s in (
+        Scenario("a", "1 -> 1 QoS 0", 0, ("bench/a",), (("bench/a",),), fanout=1, count=2_000_000),
+        Scenario("b", "1 -> 1 QoS 1", 1, ("bench/b",), (("bench/b",),), fanout=1, count=1_000_000),
+        Scenario("c", "1 -> 50 QoS 0", 0, ("bench/c",), (("bench/c",),) * 50, fanout=50, count=100_000),
+        _wildcard_scenario(),
+    )
+}
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    scenario: str
+    broker: str
+    result: RunResult | None
+    error: str | None
+
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scenario": self.scenario, "broker": self.broker, "error": self.error}
+        if self.result is not None:
+            r = self.result
+            out |= asdict(r) | {
+                "lost": r.expected - r.delivered,
+                "broker_cpu_us_per_msg": r.broker_cpu_s * 1e6 / r.delivered if r.delivered else None,
+                "broker_cpu_pct": _pct(r.broker_cpu_s, r.seconds),
+                "load_cpu_pct": _pct(r.load_cpu_s, r.seconds),
+                "other_cpu_pct": (
+                    None
+                    if r.cpus_busy_s is None
+                    else _pct(r.cpus_busy_s - r.broker_cpu_s - r.load_cpu_s, r.seconds)
+                ),
+            }
+        return out
+
+
+def _pct(part: float, whole: float) -> float | None:
+    return 100 * part / whole if whole else None
+
+
+def _ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """mqgate msgs/s divided by each peer's, per scenario."""
+    rates = {(r.scenario, r.broker): r.result.msgs_per_s for r in rows if r.result and r.result.msgs_per_s}
+    ratios: dict[str, dict[str, float]] = {}
+    for (scenario, broker), rate in rates.items():
+        mqgate = rates.get((scenario, "mqgate"))
+        if mqgate is not None and broker != "mqgate":
+            ratios.setdefault(scenario, {})[broker] = mqgate / rate
+    return ratios
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+_COLUMNS = (  # header, width; the first two are left-aligned
+    ("scenario", 22),
+    ("broker", 9),
+    ("msgs/s", 10),
+    ("p50 ms", 8),
+    ("p99 ms", 8),
+    ("cpu us/msg", 10),
+    ("broker cpu", 10),
+    ("load cpu", 8),
+    ("other cpu", 9),
+    ("delivered", 11),
+    ("lost", 7),
+    ("mqgate/x", 8),
+)
+
+
+def _line(cells: list[str]) -> str:
+    return "  ".join(
+        cell.ljust(width) if i < 2 else cell.rjust(width)
+        for i, (cell, (_, width)) in enumerate(zip(cells, _COLUMNS, strict=False))
+    )
+
+
+def _print_table(rows: list[Row], ratios: dict[str, dict[str, float]]) -> None:
+    print()
+    print(_line([header for header, _ in _COLUMNS]))
+    flagged = False
+    for row in sorted(rows, key=lambda r: (r.scenario, list(BROKERS).index(r.broker))):
+        cells = [f"{row.scenario}  {SCENARIOS[row.scenario].title}", row.broker]
+        f = row.figures()
+        if row.result is None:
+            print(_line(cells) + f"  failed: {row.error}")
+            continue
+        busy = (f["other_cpu_pct"] or 0.0) > BUSY_OTHER_PCT
+        flagged |= busy
+        cells += [
+            _fmt(f["msgs_per_s"], ",.0f"),
+            _fmt(f["p50_ms"], ".2f"),
+            _fmt(f["p99_ms"], ".2f"),
+            _fmt(f["broker_cpu_us_per_msg"], ".1f"),
+            _fmt(f["broker_cpu_pct"], ".0f", "%"),
+            _fmt(f["load_cpu_pct"], ".0f", "%"),
+            _fmt(f["other_cpu_pct"], ".0f", "%") + ("!" if busy else ""),
+            f"{f['delivered']:,}",
+            f"{f['lost']:,}",
+            _fmt(ratios.get(row.scenario, {}).get(row.broker), ".2f"),
+        ]
+        print(_line(cells))
+    if flagged:
+        print(
+            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
+            "its msgs/s and latencies are not comparable, cpu us/msg suffers least"
+        )
+
+
+# ---------------------------------------------------------------- main
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """CPUs of the load generator and of the broker; None (no pinning) on a single-cpu machine."""
+
+    load: set[int] | None
+    broker: set[int] | None
+
+    @property
+    def cpus(self) -> set[int] | None:
+        return self.load | self.broker if self.load and self.broker else None
+
+    @classmethod
+    def split(cls) -> Pinning:
+        cpus = sorted(os.sched_getaffinity(0))
+        return cls({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else cls(None, None)
+
+
+def _names(value: str, known: dict[str, Any]) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(known)} (got {value!r})")
+    return names
+
+
+def _run_scenario(broker: Broker, key: str, quick: bool, workdir: Path, pinning: Pinning) -> Row:
+    """One scenario on a fresh broker process; raises ``Unavailable`` or ``StartError`` if it cannot start."""
+    try:
+        with _running(broker, workdir, key, pinning.broker) as (proc, port):
+            probe = functools.partial(_probe, proc.pid, pinning.cpus)
+            result = run(SCENARIOS[key].load(port, quick), pinning.load, probe)
+            if proc.poll() is not None:
+                return Row(
+                    key, broker.name, None, f"the broker exited with code {proc.returncode} during the run"
+                )
+    except LoadError as exc:
+        return Row(key, broker.name, None, str(exc))
+    return Row(key, broker.name, result, None)
+
+
+def _bench_broker(
+    broker: Broker, scenarios: list[str], quick: bool, workdir: Path, pinning: Pinning
+) -> tuple[list[Row], str | None]:
+    """Runs the scenarios on ``broker``; returns the rows, and why the broker was skipped if it was."""
+    rows: list[Row] = []
+    for key in scenarios:
+        try:
+            row = _run_scenario(broker, key, quick, workdir, pinning)
+        except Unavailable as exc:
+            print(f"{broker.name}: skipped: {exc}", flush=True)
+            return rows, f"skipped: {exc}"
+        except StartError as exc:
+            if not rows:
+                print(f"{broker.name}: failed to start: {exc}", flush=True)
+                return rows, f"failed to start: {exc}"
+            row = Row(key, broker.name, None, str(exc))
+        rows.append(row)
+        r = row.result
+        if r is None:
+            print(f"{broker.name} {key}: failed: {row.error}", flush=True)
+        else:
+            print(
+                f"{broker.name} {key}: {r.delivered:,}/{r.expected:,} delivered in {r.seconds:.2f} s = "
+                f"{r.msgs_per_s:,.0f} msgs/s, broker cpu {r.broker_cpu_s:.2f} s",
+                flush=True,
+            )
+    return rows, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a tenth of the messages, 1 s per scenario")
+    parser.add_argument(
+        "--brokers",
+        type=lambda v: _names(v, BROKERS),
+        default=list(BROKERS),
+        help=f"comma-separated, default {','.join(BROKERS)}",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=lambda v: _names(v, SCENARIOS),
+        default=list(SCENARIOS),
+        help=f"comma-separated, default {','.join(SCENARIOS)}",
+    )
+    args = parser.parse_args()
+
+    pinning = Pinning.split()
+    if pinning.load and pinning.broker:
+        os.sched_setaffinity(0, pinning.load)
+        print(f"load generator on cpu {sorted(pinning.load)}, broker on cpu {sorted(pinning.broker)}")
+    else:
+        print("one cpu only: broker and load generator share it (figures are not comparable to 2-cpu runs)")
+
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="mqgate-bench-") as tmp:
+        try:
+            for name in args.brokers:
+                broker_rows, skip = _bench_broker(
+                    BROKERS[name], args.scenarios, args.quick, Path(tmp), pinning
+                )
+                rows += broker_rows
+                if skip:
+                    skipped[name] = skip
+        except KeyboardInterrupt:
+            sys.exit("interrupted")
+
+    ratios = _ratios(rows)
+    _print_table(rows, ratios)
+    print(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "cpus": {"load": sorted(pinning.load or ()), "broker": sorted(pinning.broker or ())},
+                "results": [r.figures() for r in rows],
+                "mqgate_msgs_per_s_ratio": ratios,
+                "skipped": skipped,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
