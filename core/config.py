@@ -41,6 +41,7 @@ __all__ = [
     "ENV_CONFIG_FILE",
     "ENV_PREFIX",
     "BrokerConfig",
+    "CoapConfig",
     "Config",
     "GatewaysConfig",
     "ListenersConfig",
@@ -173,10 +174,29 @@ class MqttSnConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class CoapConfig:
+    """The CoAP gateway (``[gateways.coap]``): RFC 7252 with observe (RFC 7641) and block-wise (RFC 7959)."""
+
+    enabled: bool = True
+    bind: str = field(default="0.0.0.0:5683", metadata={"check": parse_bind})
+    connection_required: bool = False  # only /mqtt/connection clients may publish and subscribe
+    heartbeat: float = field(default=30.0, metadata={"min": 1.0})  # connections silent 1.5x this are closed
+    notify_type: str = field(default="qos", metadata={"choices": ("non", "con", "qos")})
+    max_inflight: int = field(default=1, metadata={"min": 1, "max": 65535})  # CON notifications per client
+    exchange_lifetime: float = field(default=247.0, metadata={"min": 1.0})  # RFC 7252 §4.8.2
+    max_dedup_entries: int = field(default=100_000, metadata={"min": 1})
+    max_dedup_bytes: int = field(default=16 * 1024 * 1024, metadata={"min": 1024})
+    max_body_size: int = field(default=4 * 1024 * 1024, metadata={"min": 16})  # block-wise bodies
+    block_size: int = field(default=1024, metadata={"choices": (16, 32, 64, 128, 256, 512, 1024)})
+    clientid_prefix: str = ""
+
+
+@dataclass(slots=True, frozen=True)
 class GatewaysConfig:
     """The protocol gateways (``[gateways.*]``)."""
 
     mqttsn: MqttSnConfig = field(default_factory=MqttSnConfig)
+    coap: CoapConfig = field(default_factory=CoapConfig)
 
 
 @dataclass(slots=True, frozen=True)

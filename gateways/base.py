@@ -61,6 +61,10 @@ class SessionHandle(Protocol):
         """Replace or delete the will (MQTT-SN WILLTOPICUPD/WILLMSGUPD)."""
         ...
 
+    def read_retained(self, topic: str) -> Message | None:
+        """The retained message of ``topic`` if the session may read it (CoAP GET)."""
+        ...
+
     def pending(self) -> int:
         """Deliveries not yet acknowledged by the device: queued plus in flight."""
         ...

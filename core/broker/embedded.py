@@ -78,6 +78,12 @@ class EmbeddedSession:
     def set_will(self, will: Will | None) -> None:
         self._session.will = will
 
+    def read_retained(self, topic: str) -> Message | None:
+        message = self._broker.retained.get(topic)
+        if message is not None and message.expires_at is not None and message.expires_at <= self._clock.now():
+            return None
+        return message
+
     def pending(self) -> int:
         return len(self._session.queue) + len(self._session.inflight)
 

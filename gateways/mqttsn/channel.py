@@ -122,6 +122,7 @@ class MqttSnChannel:
         self.last_seen = now
         self.clean_session = True
         self.sleep_until: float | None = None
+        self._sleep_span = 0.0  # the sleep duration with its tolerance
         self.disconnected_at = now
         self.scheduled: float | None = None
         self.will: Will | None = None
@@ -230,20 +231,25 @@ class MqttSnChannel:
         if self.clean_session:
             self.registry.clear()
         self.state = ChannelState.CONNECTING
+        self._held = []  # deliveries the session sends on attach wait for the CONNACK
         self.gateway.request_session(self)
 
     def session_opened(self, session: SessionHandle, now: float) -> None:
         """The broker opened the session: answer CONNACK and let deliveries flow."""
+        held, self._held = self._held or [], None
         if self.state is not ChannelState.CONNECTING:
             session.close(publish_will=False)
             return
         self.session = session
         if not session.present:
             self.registry.clear()
-        self._resume_active(now)
+        self._resume_active(now, resume=False)  # attaching already resent and drained
+        for item in held:
+            self.deliver(item.message, item.qos, item.packet_id, item.dup, item.retain, ())
         log.debug("mqttsn %s (%s) connected, keepalive %d s", self.client_id, self.peer, self.keepalive)
 
     def session_refused(self, reason_code: int, now: float) -> None:
+        self._held = None
         if self.state is ChannelState.CONNECTING:
             log.info(
                 "mqttsn %s (%s) refused by the broker: reason 0x%02x", self.client_id, self.peer, reason_code
@@ -255,13 +261,13 @@ class MqttSnChannel:
             )
             self.gateway.channel_gone(self)
 
-    def _resume_active(self, now: float) -> None:
+    def _resume_active(self, now: float, *, resume: bool = True) -> None:
         self.state = ChannelState.ACTIVE
         self.sleep_until = None
         self.gateway.send(self.peer, codec.Connack(ReturnCode.ACCEPTED))
         self._arm_keepalive(now)
         session = self.session
-        if session is not None:
+        if session is not None and resume:
             session.resume()  # the broker resends unacknowledged deliveries, then the queue
 
     def _arm_keepalive(self, now: float) -> None:
@@ -460,6 +466,9 @@ class MqttSnChannel:
             return
         session.park()
         self.state = ChannelState.ASLEEP
+        # §6.14: the sleep timer runs again from the client's last message, not from its DISCONNECT.
+        self.sleep_until = self.last_seen + self._sleep_span
+        self.gateway.schedule(self, self.sleep_until)
         self.gateway.send(self.peer, codec.Pingresp())
 
     def on_disconnect(self, m: codec.Disconnect, now: float) -> None:
@@ -473,7 +482,8 @@ class MqttSnChannel:
         self.gateway.send(self.peer, codec.Disconnect())
         if m.duration:
             self.state = ChannelState.ASLEEP
-            self.sleep_until = now + m.duration * self._sleep_tolerance(m.duration)
+            self._sleep_span = m.duration * self._sleep_tolerance(m.duration)
+            self.sleep_until = now + self._sleep_span
             session.park()
             self.gateway.schedule(self, self.sleep_until)
             log.debug("mqttsn %s asleep for %d s", self.client_id, m.duration)
@@ -702,6 +712,10 @@ class MqttSnChannel:
             if now >= deadline:
                 log.info("mqttsn %s (%s): will handshake not finished, dropped", self.client_id, self.peer)
                 self.state = ChannelState.DISCONNECTED
+                session, self.session = self.session, None  # a connected client that re-sent CONNECT
+                self._reset_deliveries()
+                if session is not None:
+                    session.close(publish_will=True)
                 self.gateway.channel_gone(self)
                 return None
             return deadline
@@ -726,8 +740,6 @@ class MqttSnChannel:
                     self._lose(now, "keep-alive timeout")
                     return None
                 deadlines.append(keepalive)
-        elif self.sleep_until is not None:
-            deadlines.append(self.sleep_until)
         for msg_id, entry in list(self._outgoing.items()):
             due = entry.sent_at + config.t_retry
             if now >= due:

@@ -139,6 +139,7 @@ class MqttSnGateway:
 
     def handle_timer(self, now: float) -> None:
         timers = self._timers
+        again: list[tuple[MqttSnChannel, float]] = []
         while timers and timers[0][0] <= now:
             deadline, _, channel = heapq.heappop(timers)
             if channel.scheduled != deadline:
@@ -146,7 +147,9 @@ class MqttSnGateway:
             channel.scheduled = None
             following = channel.handle_timeout(now)
             if following is not None and self._is_current(channel):
-                self.schedule(channel, following)
+                again.append((channel, following))
+        for channel, following in again:  # after the loop: a deadline already past waits for the next call
+            self.schedule(channel, following)
 
     def _is_current(self, channel: MqttSnChannel) -> bool:
         return self.by_client.get(channel.client_id) is channel

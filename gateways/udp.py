@@ -1,0 +1,106 @@
+"""The asyncio side shared by the UDP gateways: feed datagrams to a pure gateway, send what it queued, open
+the broker sessions it asks for, and wake it at its earliest deadline (aioquic's ``transmit()`` pattern)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Hashable
+from typing import Any, Protocol, cast
+
+__all__ = ["DatagramCore", "UdpGatewayAdapter"]
+
+log = logging.getLogger("mqgate.udp")
+
+
+class DatagramCore(Protocol):
+    """A pure datagram protocol engine (DESIGN §1)."""
+
+    def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None: ...
+
+    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+class UdpGatewayAdapter(asyncio.DatagramProtocol):
+    """Runs a :class:`DatagramCore` on one UDP socket. Subclasses open broker sessions in
+    :meth:`_start_work` (one task per session opening, none per message)."""
+
+    name = "udp"
+
+    def __init__(self, core: DatagramCore, host: str, port: int) -> None:
+        self.core = core
+        self.host = host
+        self.port = port
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.DatagramTransport | None = None
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind the socket; raises OSError when the address cannot be bound."""
+        transport, _ = await self.loop.create_datagram_endpoint(
+            lambda: self, local_addr=(self.host, self.port), allow_broadcast=True
+        )
+        self.transport = transport
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.core.receive_datagram(data, addr, self.loop.time())
+        self.flush()
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("%s socket error: %s", self.name, exc)
+
+    def schedule_flush(self) -> None:
+        """Output appeared outside a datagram or timer callback (a broker delivery): flush soon."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        for peer, data in self.core.datagrams_to_send():
+            if transport is not None:
+                transport.sendto(data, cast(tuple[str, int], peer))
+        self._start_work()
+        deadline = self.core.get_timer()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = None if deadline is None else self.loop.call_at(deadline, self._on_timer)
+
+    def _start_work(self) -> None:
+        """Start the tasks the core asked for (session openings)."""
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self.loop.time())
+        self.flush()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
