@@ -58,6 +58,7 @@ class App:
         embedded = EmbeddedBroker(broker, LoopClock(loop))
         tcp = self.config.listeners.tcp
         mqttsn = self.config.gateways.mqttsn
+        coap = self.config.gateways.coap
         try:
             if tcp.enabled:
                 host, port = parse_bind(tcp.bind, "listeners.tcp.bind")
@@ -72,6 +73,10 @@ class App:
                 from gateways.mqttsn.adapter import MqttSnUdpGateway
 
                 await self._start(MqttSnUdpGateway(mqttsn, embedded), "gateways.mqttsn.bind", mqttsn.bind)
+            if coap.enabled:
+                from gateways.coap.adapter import CoapUdpGateway
+
+                await self._start(CoapUdpGateway(coap, embedded), "gateways.coap.bind", coap.bind)
         except BaseException:
             await self.stop()
             raise

@@ -35,7 +35,10 @@ class RunningBroker:
         data: dict[str, Any] = {
             "listeners": {"tcp": {"bind": "127.0.0.1:0"}},
             "broker": {"sys_interval": 0},
-            "gateways": {"mqttsn": {"bind": "127.0.0.1:0", "advertise_interval": 0}},
+            "gateways": {
+                "mqttsn": {"bind": "127.0.0.1:0", "advertise_interval": 0},
+                "coap": {"bind": "127.0.0.1:0"},
+            },
         }
         for section, values in overrides.items():
             data[section] = _merge(data.get(section), values)

@@ -46,6 +46,7 @@ def run_env(**overrides: str) -> dict[str, str]:
         "MQGATE_LISTENERS__TCP__BIND": "127.0.0.1:0",
         "MQGATE_GATEWAYS__MQTTSN__BIND": "127.0.0.1:0",
         "MQGATE_GATEWAYS__MQTTSN__ADVERTISE_INTERVAL": "0",
+        "MQGATE_GATEWAYS__COAP__BIND": "127.0.0.1:0",
     }
     return clean_env(**{**defaults, **overrides})
 

@@ -1,0 +1,633 @@
+"""The CoAP gateway, pure: CoAP requests become broker publishes, subscriptions and reads; deliveries become
+observe notifications (RFC 7252, RFC 7641, RFC 7959).
+
+Two URL styles, so that devices written for EMQX 4.3 and 5.x both work unchanged:
+
+- EMQX 4.3: ``/mqtt/{topic}?c={clientid}&u={username}&p={password}``. PUT or POST publishes (QoS 0 for NON,
+  1 for CON unless ``qos=`` says otherwise, ``retain=true``), GET with Observe 0 subscribes, Observe 1
+  unsubscribes, a plain GET reads the topic's retained message.
+- EMQX 5.x: ``POST /mqtt/connection?clientid=&username=&password=`` opens a connection and returns its token
+  (2.01); PUT on it is a heartbeat, DELETE closes it; ``/ps/{topic}?clientid=&token=`` publishes (POST) and
+  observe-subscribes (GET). Short aliases c, t, u, p, q, r are accepted everywhere.
+
+One client id is one session: a request for a client id held by another peer, or a broker-level takeover by
+any client with that id, ends the old peer's observations with a final 4.09 notification (RFC 7641 §3.2).
+Sessions are opened asynchronously by the adapter (:meth:`CoapGateway.take_session_requests`); requests for a
+client id whose session is opening wait for it (bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from core.broker.types import Message, Subscription
+from core.clock import Clock
+from core.config import CoapConfig
+from core.errors import MalformedPacket
+from core.mqtt.codec import EMPTY_PROPERTIES, Properties
+from core.topics import filter_matches, validate_filter, validate_topic
+from gateways.base import SessionHandle
+from gateways.coap import codec
+from gateways.coap.codec import CoapMessage
+from gateways.coap.exchange import (
+    Acknowledged,
+    CoapEndpoint,
+    Event,
+    GaveUp,
+    Rejected,
+    RequestReceived,
+    ResponseReceived,
+)
+from gateways.coap.numbers import Code, ContentFormat, OptionNumber, Timing, Type
+
+__all__ = ["CoapClient", "CoapGateway", "SessionRequest"]
+
+log = logging.getLogger("mqgate.coap")
+
+GET, POST, PUT, DELETE = int(Code.GET), int(Code.POST), int(Code.PUT), int(Code.DELETE)
+_OBSERVE = int(OptionNumber.OBSERVE)
+_CONTENT_FORMAT = int(OptionNumber.CONTENT_FORMAT)
+_LOCATION_PATH = int(OptionNumber.LOCATION_PATH)
+_BLOCK1 = int(OptionNumber.BLOCK1)
+_BLOCK2 = int(OptionNumber.BLOCK2)
+_SIZE1 = int(OptionNumber.SIZE1)
+_SIZE2 = int(OptionNumber.SIZE2)
+_KNOWN_OPTIONS = frozenset(int(n) for n in OptionNumber)
+_ALIASES = {"c": "clientid", "t": "token", "u": "username", "p": "password", "q": "qos", "r": "retain"}
+_MIME_OF = {
+    int(ContentFormat.TEXT_PLAIN): "text/plain;charset=utf-8",
+    int(ContentFormat.LINK_FORMAT): "application/link-format",
+    int(ContentFormat.XML): "application/xml",
+    int(ContentFormat.OCTET_STREAM): "application/octet-stream",
+    int(ContentFormat.EXI): "application/exi",
+    int(ContentFormat.JSON): "application/json",
+    int(ContentFormat.CBOR): "application/cbor",
+    int(ContentFormat.SENML_JSON): "application/senml+json",
+    int(ContentFormat.SENML_CBOR): "application/senml+cbor",
+}
+_FORMAT_OF = {mime: number for number, mime in _MIME_OF.items()}
+_WELL_KNOWN = b'</mqtt>;rt="mqtt",</mqtt/connection>,</ps>;rt="core.ps"'
+_MAX_WAITING = 16  # requests parked per client id while its session opens
+
+
+class _Reject(Exception):
+    """A request refused with a CoAP response code."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass(slots=True)
+class _Observation:
+    """One observe subscription (RFC 7641 §4.1): who, with which token, on which filter."""
+
+    peer: Hashable
+    token: bytes
+    topic_filter: str
+    path: list[str]
+    seq: int = 1
+    last_payload: bytes = b""
+
+
+@dataclass(slots=True)
+class _Upload:
+    """A Block1 body being received (RFC 7959 §2.5)."""
+
+    body: bytearray
+    expires_at: float
+
+
+@dataclass(slots=True)
+class SessionRequest:
+    """A client id whose broker session the adapter must open (authenticate, then open_session)."""
+
+    client_id: str
+    username: str | None
+    password: str | None
+    peer: Hashable
+
+
+@dataclass(eq=False)
+class CoapClient:
+    """The gateway side of one client id: its broker session, observations and connection token.
+    It is the :class:`DeliverySink` of its session."""
+
+    gateway: CoapGateway
+    client_id: str
+    peer: Hashable
+    username: str | None = None
+    password: str | None = None
+    session: SessionHandle | None = None
+    token: str | None = None
+    last_seen: float = 0.0
+    observations: dict[bytes, _Observation] = field(default_factory=dict)
+    waiting: list[RequestReceived] = field(default_factory=list)
+    opening: bool = False
+
+    def deliver(
+        self, message: Message, qos: int, packet_id: int, dup: bool, retain: bool, sub_ids: tuple[int, ...]
+    ) -> None:
+        self.gateway.notify(self, message, qos, packet_id)
+
+    def deliver_pubrel(self, packet_id: int) -> None:
+        session = self.session
+        if session is not None:
+            session.ack(packet_id)
+
+    def kick(self, reason_code: int) -> None:
+        self.gateway.end_client(self, "taken over by another client", publish_will=False, detached=True)
+
+
+class CoapGateway:
+    """Every CoAP client of one socket."""
+
+    def __init__(self, config: CoapConfig, clock: Clock, endpoint: CoapEndpoint | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.endpoint = endpoint or CoapEndpoint(
+            Timing(),
+            max_dedup_entries=config.max_dedup_entries,
+            max_dedup_bytes=config.max_dedup_bytes,
+            exchange_lifetime=config.exchange_lifetime,
+        )
+        self.clients: dict[str, CoapClient] = {}
+        self.counters: dict[str, int] = {}
+        self.on_output: Callable[[], None] | None = None
+        self._session_requests: list[SessionRequest] = []
+        self._uploads: dict[tuple[Hashable, str], _Upload] = {}
+        self._by_token: dict[str, CoapClient] = {}
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # --- adapter interface
+
+    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
+        return self.endpoint.datagrams_to_send()
+
+    def take_session_requests(self) -> list[SessionRequest]:
+        requests, self._session_requests = self._session_requests, []
+        return requests
+
+    def get_timer(self) -> float | None:
+        deadlines = [d for d in (self.endpoint.get_timer(), self._heartbeat_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _heartbeat_deadline(self) -> float | None:
+        limit = self.config.heartbeat * 1.5
+        return min((c.last_seen + limit for c in self.clients.values() if c.token), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        for event in self.endpoint.handle_timer(now):
+            self._handle_event(event, now)
+        limit = self.config.heartbeat * 1.5
+        for client in [c for c in self.clients.values() if c.token and c.last_seen + limit <= now]:
+            self.end_client(client, "no heartbeat", publish_will=True)
+        for key in [k for k, u in self._uploads.items() if u.expires_at <= now]:
+            del self._uploads[key]
+
+    def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
+        event = self.endpoint.receive_datagram(data, peer, now)
+        if event is not None:
+            self._handle_event(event, now)
+
+    def _handle_event(self, event: Event, now: float) -> None:
+        if isinstance(event, RequestReceived):
+            self._on_request(event, now)
+        elif isinstance(event, Acknowledged):
+            self._notification_done(event.context, cancel=False)
+        elif isinstance(event, Rejected | GaveUp):
+            self._notification_done(event.context, cancel=True)
+        elif isinstance(event, ResponseReceived):
+            self.count("unexpected_responses")
+
+    # --- requests
+
+    def _on_request(self, request: RequestReceived, now: float) -> None:
+        msg = request.message
+        try:
+            for number, _ in msg.options:
+                if number & 1 and number not in _KNOWN_OPTIONS:
+                    raise _Reject(Code.BAD_OPTION, f"unrecognised critical option {number}")
+            path = [unquote(segment) for segment in msg.uri_path()]
+            query = self._query(msg)
+            self._route(request, path, query, now)
+        except _Reject as exc:
+            self.count(f"responses_{codec_name(exc.code)}")
+            log.info(
+                "coap %s: %s refused with %s: %s",
+                request.peer,
+                _method(msg.code),
+                codec_name(exc.code),
+                exc.text,
+            )
+            self._reply(request, exc.code, exc.text.encode())
+        except MalformedPacket as exc:
+            self._reply(request, exc.code, str(exc).encode())
+
+    @staticmethod
+    def _query(msg: CoapMessage) -> dict[str, str]:
+        query: dict[str, str] = {}
+        for item in msg.uri_query():
+            name, _, value = item.partition("=")
+            query[_ALIASES.get(name, name)] = unquote(value)
+        return query
+
+    def _reply(
+        self,
+        request: RequestReceived,
+        code: int,
+        payload: bytes = b"",
+        options: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        self.endpoint.respond(request, CoapMessage(0, int(code), 0, b"", options or [], payload))
+
+    def _route(self, request: RequestReceived, path: list[str], query: dict[str, str], now: float) -> None:
+        code = request.message.code
+        if path == [".well-known", "core"]:
+            if code != GET:
+                raise _Reject(Code.METHOD_NOT_ALLOWED, "only GET")
+            self._reply(request, Code.CONTENT, _WELL_KNOWN, [(_CONTENT_FORMAT, codec.encode_uint(40))])
+            return
+        if path[:2] == ["mqtt", "connection"] and len(path) == 2:
+            self._connection(request, query, now)
+            return
+        if len(path) >= 2 and path[0] in ("mqtt", "ps"):
+            self._pubsub(request, path, query, now)
+            return
+        if path and path[0] in ("mqtt", "ps"):
+            raise _Reject(Code.NOT_FOUND, "no topic in the path")
+        raise _Reject(Code.NOT_FOUND, "unknown resource")
+
+    # --- connection mode (EMQX 5.x)
+
+    def _connection(self, request: RequestReceived, query: dict[str, str], now: float) -> None:
+        code = request.message.code
+        client_id = query.get("clientid")
+        if not client_id:
+            raise _Reject(Code.BAD_REQUEST, "missing clientid")
+        client = self.clients.get(client_id)
+        if code == POST:
+            if client is not None and client.peer != request.peer:
+                self.end_client(client, "a new connection with the same client id", publish_will=False)
+                client = None
+            if client is not None and client.session is not None and client.token:
+                self._reply(request, Code.CREATED, client.token.encode())
+                return
+            client = self._client_for(request, client_id, query, now)
+            if client is None:
+                return
+            if client.token is None:
+                client.token = secrets.token_hex(8)
+                self._by_token[client.token] = client
+            self._reply(request, Code.CREATED, client.token.encode())
+            return
+        if client is None or client.token is None or query.get("token") != client.token:
+            raise _Reject(Code.UNAUTHORIZED, "unknown connection or wrong token")
+        client.last_seen = now
+        if code == PUT:
+            self._reply(request, Code.CHANGED)
+        elif code == DELETE:
+            self.end_client(client, "closed by the client", publish_will=False)
+            self._reply(request, Code.DELETED)
+        else:
+            raise _Reject(Code.METHOD_NOT_ALLOWED, "POST, PUT or DELETE")
+
+    def _client_for(
+        self, request: RequestReceived, client_id: str, query: dict[str, str], now: float
+    ) -> CoapClient | None:
+        """The client with a session for this request, or None when the request waits for it to open."""
+        client = self.clients.get(client_id)
+        if client is not None and client.peer != request.peer and not client.token:
+            self.end_client(client, f"the client id is now used from {request.peer}", publish_will=False)
+            client = None
+        if client is None:
+            client = CoapClient(self, client_id, request.peer, query.get("username"), query.get("password"))
+            self.clients[client_id] = client
+        client.last_seen = now
+        if client.session is not None:
+            return client
+        if len(client.waiting) >= _MAX_WAITING:
+            raise _Reject(Code.SERVICE_UNAVAILABLE, "too many requests while the session opens")
+        client.waiting.append(request)
+        if not client.opening:
+            client.opening = True
+            self._session_requests.append(
+                SessionRequest(client_id, client.username, client.password, request.peer)
+            )
+        return None
+
+    def session_opened(self, client_id: str, session: SessionHandle, now: float) -> None:
+        client = self.clients.get(client_id)
+        if client is None:
+            session.close(publish_will=False)
+            return
+        client.session = session
+        client.opening = False
+        waiting, client.waiting = client.waiting, []
+        for request in waiting:
+            self._on_request(request, now)
+
+    def session_refused(self, client_id: str, reason_code: int, now: float) -> None:
+        client = self.clients.pop(client_id, None)
+        if client is None:
+            return
+        code = Code.UNAUTHORIZED if reason_code in (0x86, 0x87, 0x8C) else Code.SERVICE_UNAVAILABLE
+        log.info("coap %s (%s) refused by the broker: reason 0x%02x", client_id, client.peer, reason_code)
+        for request in client.waiting:
+            self._reply(
+                request, code, b"authentication failed" if code == Code.UNAUTHORIZED else b"unavailable"
+            )
+
+    # --- publish, subscribe, read
+
+    def _pubsub(self, request: RequestReceived, path: list[str], query: dict[str, str], now: float) -> None:
+        msg = request.message
+        style = path[0]
+        topic = "/".join(path[1:])
+        client_id = query.get("clientid")
+        if not client_id:
+            raise _Reject(Code.BAD_REQUEST, "missing clientid")
+        existing = self.clients.get(client_id)
+        if style == "ps" or self.config.connection_required or query.get("token"):
+            if existing is None or not existing.token:
+                if self.config.connection_required or (style == "ps" and query.get("token")):
+                    raise _Reject(Code.UNAUTHORIZED, "no connection for this client id")
+            elif query.get("token") != existing.token:
+                raise _Reject(Code.UNAUTHORIZED, "wrong token")
+        code = msg.code
+        if code in (PUT, POST) and not (style == "ps" and code == PUT):
+            body = self._body(request, topic, now)
+            if body is None:
+                return
+            why = validate_topic(topic)
+            if why is not None:
+                raise _Reject(Code.BAD_REQUEST, f"invalid topic: {why}")
+            client = self._client_for(request, client_id, query, now)
+            if client is not None:
+                self._publish(request, client, topic, query, body)
+        elif code == GET:
+            observe = msg.observe()
+            if observe is None:
+                self._read(request, client_id, topic, query, now)
+                return
+            why = validate_filter(topic)
+            if why is not None:
+                raise _Reject(Code.BAD_REQUEST, f"invalid topic filter: {why}")
+            if not msg.token and observe == 0:
+                raise _Reject(Code.BAD_REQUEST, "observe needs a token")
+            client = self._client_for(request, client_id, query, now)
+            if client is None:
+                return
+            if observe == 0:
+                self._observe(request, client, topic, path, query)
+            else:
+                self._unobserve(request, client, topic)
+        else:
+            raise _Reject(Code.METHOD_NOT_ALLOWED, f"{_method(code)} not allowed here")
+
+    def _body(self, request: RequestReceived, topic: str, now: float) -> bytes | None:
+        """The whole request body, reassembled from Block1 transfers (RFC 7959 §2.5); None until complete."""
+        msg = request.message
+        block = msg.block1()
+        limit = self.config.max_body_size
+        if block is None:
+            if len(msg.payload) > limit:
+                raise _Reject(Code.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+            return msg.payload
+        key = (request.peer, topic)
+        upload = self._uploads.get(key)
+        if block.num == 0:
+            upload = self._uploads[key] = _Upload(bytearray(), now + self.config.exchange_lifetime)
+        if upload is None or len(upload.body) != block.num * block.size:
+            self._uploads.pop(key, None)
+            raise _Reject(Code.REQUEST_ENTITY_INCOMPLETE, "block out of sequence")
+        upload.body += msg.payload
+        if len(upload.body) > limit:
+            del self._uploads[key]
+            self._reply(
+                request,
+                Code.REQUEST_ENTITY_TOO_LARGE,
+                b"body too large",
+                [(_SIZE1, codec.encode_uint(limit))],
+            )
+            return None
+        if block.more:
+            self._reply(
+                request, Code.CONTINUE, b"", [(_BLOCK1, codec.encode_block(block.num, True, block.szx))]
+            )
+            return None
+        del self._uploads[key]
+        return bytes(upload.body)
+
+    def _publish(
+        self, request: RequestReceived, client: CoapClient, topic: str, query: dict[str, str], body: bytes
+    ) -> None:
+        msg = request.message
+        qos = self._qos(query, msg)
+        retain = query.get("retain", "false").lower() in ("true", "1")
+        content_format = msg.content_format()
+        props = EMPTY_PROPERTIES
+        if content_format is not None and content_format in _MIME_OF:
+            props = Properties(content_type=_MIME_OF[content_format])
+        session = client.session
+        assert session is not None
+        code = session.publish(Message(topic, body, qos, retain, "", props))
+        if code >= 0x80:
+            self.count("publish_refused")
+            raise _Reject(_coap_code_of(code), f"publish refused: reason 0x{code:02x}")
+        self.count("publishes")
+        options = []
+        block = msg.block1()
+        if block is not None:
+            options.append((_BLOCK1, codec.encode_block(block.num, False, block.szx)))
+        self._reply(request, Code.CHANGED, b"", options)
+
+    def _qos(self, query: dict[str, str], msg: CoapMessage) -> int:
+        text = query.get("qos")
+        if text is not None:
+            if text not in ("0", "1", "2"):
+                raise _Reject(Code.BAD_REQUEST, "qos must be 0, 1 or 2")
+            return int(text)
+        return 1 if msg.mtype == int(Type.CON) else 0
+
+    def _observe(
+        self,
+        request: RequestReceived,
+        client: CoapClient,
+        topic_filter: str,
+        path: list[str],
+        query: dict[str, str],
+    ) -> None:
+        session = client.session
+        assert session is not None
+        qos = self._qos(query, request.message) if "qos" in query else 1
+        client.observations[request.message.token] = _Observation(
+            request.peer, request.message.token, topic_filter, path
+        )
+        granted = session.subscribe([Subscription(topic_filter, qos)])[0]
+        if granted >= 0x80:
+            del client.observations[request.message.token]
+            raise _Reject(_coap_code_of(granted), f"subscription refused: reason 0x{granted:02x}")
+        self.count("observations")
+        observation = client.observations[request.message.token]
+        self._reply(request, Code.CONTENT, b"", [(_OBSERVE, codec.encode_uint(0))])
+        observation.seq = 1
+
+    def _unobserve(self, request: RequestReceived, client: CoapClient, topic_filter: str) -> None:
+        session = client.session
+        assert session is not None
+        client.observations.pop(request.message.token, None)
+        if not any(o.topic_filter == topic_filter for o in client.observations.values()):
+            session.unsubscribe([topic_filter])
+        self._reply(request, Code.CONTENT)
+
+    def _read(
+        self, request: RequestReceived, client_id: str, topic: str, query: dict[str, str], now: float
+    ) -> None:
+        """A GET without Observe reads the topic's retained message (2.05 or 4.04), in Block2 parts if big."""
+        why = validate_topic(topic)
+        if why is not None:
+            raise _Reject(Code.BAD_REQUEST, f"invalid topic: {why}")
+        client = self._client_for(request, client_id, query, now)
+        if client is None:
+            return
+        session = client.session
+        assert session is not None
+        message = session.read_retained(topic)
+        if message is None:
+            raise _Reject(Code.NOT_FOUND, "no retained message")
+        options: list[tuple[int, bytes]] = []
+        content_type = message.properties.content_type
+        if content_type in _FORMAT_OF:
+            options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
+        payload = self._block2(request.message, message.payload, options)
+        self._reply(request, Code.CONTENT, payload, options)
+
+    def _block2(self, msg: CoapMessage, payload: bytes, options: list[tuple[int, bytes]]) -> bytes:
+        """The part of ``payload`` the request asked for (RFC 7959 §2.4), adding Block2 and Size2 options."""
+        block = msg.block2()
+        size = self.config.block_size
+        szx = size.bit_length() - 5
+        num = 0
+        if block is not None:
+            szx = min(szx, block.szx)
+            size = 1 << (szx + 4)
+            num = block.num
+        if block is None and len(payload) <= size:
+            return payload
+        start = num * size
+        if start >= len(payload) and num:
+            raise _Reject(Code.BAD_OPTION, "block beyond the end")
+        more = start + size < len(payload)
+        options.append((_BLOCK2, codec.encode_block(num, more, szx)))
+        if num == 0:
+            options.append((_SIZE2, codec.encode_uint(len(payload))))
+        return payload[start : start + size]
+
+    # --- notifications
+
+    def notify(self, client: CoapClient, message: Message, qos: int, packet_id: int) -> None:
+        """Send ``message`` to every observation of ``client`` whose filter matches it (RFC 7641 §4.2)."""
+        if self.on_output is not None:
+            self.on_output()
+        session = client.session
+        targets = [o for o in client.observations.values() if filter_matches(o.topic_filter, message.topic)]
+        notify_type = self.config.notify_type
+        confirmable = notify_type == "con" or (notify_type == "qos" and qos > 0)
+        if not targets or not confirmable:
+            if session is not None and qos:
+                if qos == 2:
+                    session.received(packet_id)
+                session.ack(packet_id)
+            if not targets:
+                self.count("deliveries_without_observer")
+        content_type = message.properties.content_type
+        now = self.clock.now()
+        for index, observation in enumerate(targets):
+            observation.seq = (observation.seq + 1) & 0xFFFFFF
+            options = [(_OBSERVE, codec.encode_uint(observation.seq))]
+            if content_type in _FORMAT_OF:
+                options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
+            notification = CoapMessage(0, int(Code.CONTENT), 0, observation.token, options, message.payload)
+            observation.last_payload = message.payload
+            self.count("notifications")
+            if confirmable:
+                context = (client, observation.token, packet_id if index == 0 else 0, qos)
+                self.endpoint.send_con(observation.peer, notification, context, now)
+            else:
+                self.endpoint.send_non(observation.peer, notification)
+
+    def _notification_done(self, context: object, *, cancel: bool) -> None:
+        """A CON notification was acknowledged, reset or never acknowledged (RFC 7641 §4.5)."""
+        if not isinstance(context, tuple) or len(context) != 4:
+            return
+        client, token, packet_id, qos = context
+        assert isinstance(client, CoapClient)
+        session = client.session
+        if session is not None and packet_id:
+            if qos == 2:
+                session.received(packet_id)
+            session.ack(packet_id)
+        if cancel:
+            observation = client.observations.pop(token, None)
+            if observation is not None:
+                self.count("observations_cancelled")
+                log.info(
+                    "coap %s: observation of %s cancelled by the client",
+                    client.client_id,
+                    observation.topic_filter,
+                )
+                if session is not None and not any(
+                    o.topic_filter == observation.topic_filter for o in client.observations.values()
+                ):
+                    session.unsubscribe([observation.topic_filter])
+
+    # --- endings
+
+    def end_client(self, client: CoapClient, why: str, *, publish_will: bool, detached: bool = False) -> None:
+        """End ``client``: observations get a final 4.09 notification (RFC 7641 §3.2), the session closes."""
+        if self.clients.get(client.client_id) is client:
+            del self.clients[client.client_id]
+        if client.token is not None:
+            self._by_token.pop(client.token, None)
+        log.info("coap %s (%s): %s", client.client_id, client.peer, why)
+        for observation in client.observations.values():
+            final = CoapMessage(0, int(Code.CONFLICT), 0, observation.token, [], why.encode())
+            self.endpoint.send_non(observation.peer, final)
+        client.observations.clear()
+        session, client.session = client.session, None
+        if session is not None and not detached:
+            session.close(publish_will=publish_will)
+
+    def shutdown(self) -> None:
+        for client in list(self.clients.values()):
+            session, client.session = client.session, None
+            if session is not None:
+                session.close(publish_will=False)
+        self.clients.clear()
+
+
+def codec_name(code: int) -> str:
+    return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+def _method(code: int) -> str:
+    return {GET: "GET", POST: "POST", PUT: "PUT", DELETE: "DELETE"}.get(code, codec_name(code))
+
+
+def _coap_code_of(reason_code: int) -> int:
+    """The CoAP response for a broker refusal: ACL 4.03, authentication 4.01, congestion 5.03, else 4.00."""
+    if reason_code == 0x87:
+        return int(Code.FORBIDDEN)
+    if reason_code in (0x86, 0x8C):
+        return int(Code.UNAUTHORIZED)
+    if reason_code in (0x97, 0x89, 0x88):
+        return int(Code.SERVICE_UNAVAILABLE)
+    return int(Code.BAD_REQUEST)
