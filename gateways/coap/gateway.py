@@ -161,7 +161,7 @@ class CoapGateway:
         self.on_output: Callable[[], None] | None = None
         self._session_requests: list[SessionRequest] = []
         self._uploads: dict[tuple[Hashable, str], _Upload] = {}
-        self._by_token: dict[str, CoapClient] = {}
+        self._next_sweep = clock.now() + config.heartbeat / 2
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -176,19 +176,25 @@ class CoapGateway:
         return requests
 
     def get_timer(self) -> float | None:
-        deadlines = [d for d in (self.endpoint.get_timer(), self._heartbeat_deadline()) if d is not None]
-        return min(deadlines) if deadlines else None
-
-    def _heartbeat_deadline(self) -> float | None:
-        limit = self.config.heartbeat * 1.5
-        return min((c.last_seen + limit for c in self.clients.values() if c.token), default=None)
+        endpoint = self.endpoint.get_timer()
+        return self._next_sweep if endpoint is None else min(endpoint, self._next_sweep)
 
     def handle_timer(self, now: float) -> None:
         for event in self.endpoint.handle_timer(now):
             self._handle_event(event, now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Every half heartbeat: close connections silent for 1.5 heartbeats (their will is published), and
+        forget connectionless clients that observe nothing and were idle as long (EMQX's check_alive)."""
         limit = self.config.heartbeat * 1.5
-        for client in [c for c in self.clients.values() if c.token and c.last_seen + limit <= now]:
-            self.end_client(client, "no heartbeat", publish_will=True)
+        self._next_sweep = now + self.config.heartbeat / 2
+        for client in [c for c in self.clients.values() if c.last_seen + limit <= now]:
+            if client.token:
+                self.end_client(client, "no heartbeat", publish_will=True)
+            elif not client.observations and not client.waiting:
+                self.end_client(client, "idle", publish_will=False)
         for key in [k for k, u in self._uploads.items() if u.expires_at <= now]:
             del self._uploads[key]
 
@@ -285,7 +291,6 @@ class CoapGateway:
                 return
             if client.token is None:
                 client.token = secrets.token_hex(8)
-                self._by_token[client.token] = client
             self._reply(request, Code.CREATED, client.token.encode())
             return
         if client is None or client.token is None or query.get("token") != client.token:
@@ -595,9 +600,13 @@ class CoapGateway:
         """End ``client``: observations get a final 4.09 notification (RFC 7641 §3.2), the session closes."""
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
-        if client.token is not None:
-            self._by_token.pop(client.token, None)
-        log.info("coap %s (%s): %s", client.client_id, client.peer, why)
+        log.log(
+            logging.DEBUG if why == "idle" else logging.INFO,
+            "coap %s (%s): %s",
+            client.client_id,
+            client.peer,
+            why,
+        )
         for observation in client.observations.values():
             final = CoapMessage(0, int(Code.CONFLICT), 0, observation.token, [], why.encode())
             self.endpoint.send_non(observation.peer, final)
