@@ -125,12 +125,13 @@ class _Outgoing:
 
 @dataclass(slots=True)
 class _Request:
-    """A request we sent that waits for its response."""
+    """A request we sent that waits for its response; an observe request keeps receiving notifications."""
 
     context: object
     deadline: float
     mid: int
     acknowledged: bool = False
+    observe: bool = False
 
 
 @dataclass
@@ -247,12 +248,19 @@ class CoapEndpoint:
                 self.metrics.dedup_evicted += 1
 
     def _response(self, msg: CoapMessage, peer: Hashable, now: float) -> Event | None:
-        if msg.mtype == CON:
-            self._send(peer, codec.empty_ack(msg.mid))
-        request = self._requests.pop((peer, msg.token), None)
+        key = (peer, msg.token)
+        request = self._requests.get(key)
         if request is None:
             self.metrics.unmatched += 1
+            if msg.mtype == CON:  # a notification or late response nobody wants is rejected (RFC 7641 §3.6)
+                self._send(peer, codec.reset(msg.mid) if msg.observe() is not None else codec.empty_ack(msg.mid))
             return None
+        if msg.mtype == CON:
+            self._send(peer, codec.empty_ack(msg.mid))
+        if request.observe and msg.observe() is not None and msg.code < 128:
+            request.deadline = float("inf")  # notifications follow until cancelled (RFC 7641 §3.3)
+        else:
+            del self._requests[key]
         self._outgoing.pop((peer, request.mid), None)
         return ResponseReceived(peer, msg, request.context)
 
@@ -292,9 +300,13 @@ class CoapEndpoint:
         self, peer: Hashable, message: CoapMessage, context: object, now: float, *, confirmable: bool = True
     ) -> None:
         """Send a request (its token must be unique towards ``peer``); the response comes back as
-        :class:`ResponseReceived`, or :class:`GaveUp` after ``request_timeout``."""
+        :class:`ResponseReceived`, or :class:`GaveUp` after ``request_timeout``. For an observe request every
+        notification comes back the same way until :meth:`cancel`."""
         message.mid = self.next_mid()
-        self._requests[(peer, message.token)] = _Request(context, now + self.request_timeout, message.mid)
+        observe = message.observe() == 0
+        self._requests[(peer, message.token)] = _Request(
+            context, now + self.request_timeout, message.mid, observe=observe
+        )
         self._push(now + self.request_timeout, (peer, message.token))
         if confirmable:
             message.mtype = CON
