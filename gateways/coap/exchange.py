@@ -252,8 +252,9 @@ class CoapEndpoint:
         request = self._requests.get(key)
         if request is None:
             self.metrics.unmatched += 1
-            if msg.mtype == CON:  # a notification or late response nobody wants is rejected (RFC 7641 §3.6)
-                self._send(peer, codec.reset(msg.mid) if msg.observe() is not None else codec.empty_ack(msg.mid))
+            if msg.mtype == CON:  # a notification nobody wants is rejected (RFC 7641 §3.6), a late response acked
+                unwanted = msg.observe() is not None
+                self._send(peer, codec.reset(msg.mid) if unwanted else codec.empty_ack(msg.mid))
             return None
         if msg.mtype == CON:
             self._send(peer, codec.empty_ack(msg.mid))
