@@ -252,7 +252,7 @@ class CoapEndpoint:
         request = self._requests.get(key)
         if request is None:
             self.metrics.unmatched += 1
-            if msg.mtype == CON:  # a notification nobody wants is rejected (RFC 7641 §3.6), a late response acked
+            if msg.mtype == CON:  # an unwanted notification gets RST (RFC 7641 §3.6), a late response an ACK
                 unwanted = msg.observe() is not None
                 self._send(peer, codec.reset(msg.mid) if unwanted else codec.empty_ack(msg.mid))
             return None
