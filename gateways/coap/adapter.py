@@ -43,23 +43,20 @@ class CoapUdpGateway(UdpGatewayAdapter):
         try:
             auth = await self.broker.authenticate(client, credentials)
             if not auth.allowed:
-                gateway.session_refused(client_id, auth.reason_code, self.loop.time())
-                return
-            sink = gateway.clients.get(client_id)
-            if sink is None:
+                gateway.session_refused(request, auth.reason_code, self.loop.time())
                 return
             session = await self.broker.open_session(
                 client,
                 clean_start=True,
                 expiry=0,
                 will=None,
-                sink=sink,
+                sink=request.client,
                 max_inflight=self.config.max_inflight,
             )
-            gateway.session_opened(client_id, session, self.loop.time())
+            gateway.session_opened(request, session, self.loop.time())
         except Exception:
             log.exception("coap %s: opening the broker session failed", client_id)
-            gateway.session_refused(client_id, 0x88, self.loop.time())
+            gateway.session_refused(request, 0x88, self.loop.time())
         finally:
             self.flush()
 

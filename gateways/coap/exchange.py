@@ -194,7 +194,7 @@ class CoapEndpoint:
                 if mtype == CON:  # a CoAP ping (§4.3)
                     self._send(peer, codec.reset(msg.mid))
                 return None
-            if msg.code < 32 or msg.code >= 192:
+            if msg.code < 64 or msg.code >= 192:
                 return self._request_or_duplicate(msg, peer, now)
             return self._response(msg, peer, now)
         outgoing = self._outgoing.pop((peer, msg.mid), None)
@@ -225,7 +225,7 @@ class CoapEndpoint:
             return None
         lifetime = self._lifetime if msg.mtype == CON else self.timing.non_lifetime
         self._remember(key, _Seen(now + lifetime), now)
-        if msg.code >= 192:  # reserved class 6-7 (§3): not a request we can serve
+        if msg.code >= 32:  # reserved classes 1, 6 and 7 (§3): not a request we can serve
             if msg.mtype == CON:
                 self._send(peer, codec.reset(msg.mid))
             return None
@@ -252,9 +252,8 @@ class CoapEndpoint:
         request = self._requests.get(key)
         if request is None:
             self.metrics.unmatched += 1
-            if msg.mtype == CON:  # an unwanted notification gets RST (RFC 7641 §3.6), a late response an ACK
-                unwanted = msg.observe() is not None
-                self._send(peer, codec.reset(msg.mid) if unwanted else codec.empty_ack(msg.mid))
+            if msg.mtype == CON:  # an unexpected response is rejected (§5.3.2, RFC 7641 §3.6)
+                self._send(peer, codec.reset(msg.mid))
             return None
         if msg.mtype == CON:
             self._send(peer, codec.empty_ack(msg.mid))

@@ -105,12 +105,26 @@ class _Upload:
 
 @dataclass(slots=True)
 class SessionRequest:
-    """A client id whose broker session the adapter must open (authenticate, then open_session)."""
+    """A client whose broker session the adapter must open (authenticate, then open_session with ``client``
+    as the sink) and report with :meth:`CoapGateway.session_opened` or :meth:`CoapGateway.session_refused`."""
 
-    client_id: str
-    username: str | None
-    password: str | None
-    peer: Hashable
+    client: CoapClient
+
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
+
+    @property
+    def username(self) -> str | None:
+        return self.client.username
+
+    @property
+    def password(self) -> str | None:
+        return self.client.password
+
+    @property
+    def peer(self) -> Hashable:
+        return self.client.peer
 
 
 @dataclass(eq=False)
@@ -141,7 +155,10 @@ class CoapClient:
             session.ack(packet_id)
 
     def kick(self, reason_code: int) -> None:
-        self.gateway.end_client(self, "taken over by another client", publish_will=False, detached=True)
+        gateway = self.gateway
+        gateway.end_client(self, "taken over by another client", publish_will=False, detached=True)
+        if gateway.on_output is not None:  # called by the broker, outside any datagram or timer callback
+            gateway.on_output()
 
 
 class CoapGateway:
@@ -323,31 +340,32 @@ class CoapGateway:
         client.waiting.append(request)
         if not client.opening:
             client.opening = True
-            self._session_requests.append(
-                SessionRequest(client_id, client.username, client.password, request.peer)
-            )
+            self._session_requests.append(SessionRequest(client))
         return None
 
-    def session_opened(self, client_id: str, session: SessionHandle, now: float) -> None:
-        client = self.clients.get(client_id)
-        if client is None:
+    def session_opened(self, request: SessionRequest, session: SessionHandle, now: float) -> None:
+        client = request.client
+        if self.clients.get(client.client_id) is not client:  # ended while its session opened
             session.close(publish_will=False)
             return
         client.session = session
         client.opening = False
         waiting, client.waiting = client.waiting, []
-        for request in waiting:
-            self._on_request(request, now)
+        for waiter in waiting:
+            self._on_request(waiter, now)
 
-    def session_refused(self, client_id: str, reason_code: int, now: float) -> None:
-        client = self.clients.pop(client_id, None)
-        if client is None:
+    def session_refused(self, request: SessionRequest, reason_code: int, now: float) -> None:
+        client = request.client
+        client_id = client.client_id
+        if self.clients.get(client_id) is not client:
             return
+        del self.clients[client_id]
         code = Code.UNAUTHORIZED if reason_code in (0x86, 0x87, 0x8C) else Code.SERVICE_UNAVAILABLE
         log.info("coap %s (%s) refused by the broker: reason 0x%02x", client_id, client.peer, reason_code)
-        for request in client.waiting:
+        waiting, client.waiting = client.waiting, []
+        for waiter in waiting:
             self._reply(
-                request, code, b"authentication failed" if code == Code.UNAUTHORIZED else b"unavailable"
+                waiter, code, b"authentication failed" if code == Code.UNAUTHORIZED else b"unavailable"
             )
 
     # --- publish, subscribe, read
@@ -360,22 +378,22 @@ class CoapGateway:
         if not client_id:
             raise _Reject(Code.BAD_REQUEST, "missing clientid")
         existing = self.clients.get(client_id)
-        if style == "ps" or self.config.connection_required or query.get("token"):
-            if existing is None or not existing.token:
-                if self.config.connection_required or (style == "ps" and query.get("token")):
-                    raise _Reject(Code.UNAUTHORIZED, "no connection for this client id")
-            elif query.get("token") != existing.token:
-                raise _Reject(Code.UNAUTHORIZED, "wrong token")
+        token = query.get("token")
+        if existing is not None and existing.token:
+            if token != existing.token:  # a connection's session is only reachable with its token
+                raise _Reject(Code.UNAUTHORIZED, "missing or wrong token for this connection")
+        elif token or self.config.connection_required:
+            raise _Reject(Code.UNAUTHORIZED, "no connection for this client id")
         code = msg.code
         if code in (PUT, POST) and not (style == "ps" and code == PUT):
-            body = self._body(request, topic, now)
-            if body is None:
-                return
             why = validate_topic(topic)
             if why is not None:
                 raise _Reject(Code.BAD_REQUEST, f"invalid topic: {why}")
             client = self._client_for(request, client_id, query, now)
-            if client is not None:
+            if client is None:  # parked until the session opens, then handled again from the start
+                return
+            body = self._body(request, topic, now)
+            if body is not None:
                 self._publish(request, client, topic, query, body)
         elif code == GET:
             observe = msg.observe()
@@ -473,17 +491,17 @@ class CoapGateway:
         session = client.session
         assert session is not None
         qos = self._qos(query, request.message) if "qos" in query else 1
-        client.observations[request.message.token] = _Observation(
-            request.peer, request.message.token, topic_filter, path
-        )
+        token = request.message.token
+        previous = client.observations.get(token)
+        if previous is None or previous.topic_filter != topic_filter or previous.peer != request.peer:
+            client.observations[token] = _Observation(request.peer, token, topic_filter, path)
+        # else a re-registration (RFC 7641 §3.3.1): the sequence goes on
         granted = session.subscribe([Subscription(topic_filter, qos)])[0]
         if granted >= 0x80:
             del client.observations[request.message.token]
             raise _Reject(_coap_code_of(granted), f"subscription refused: reason 0x{granted:02x}")
         self.count("observations")
-        observation = client.observations[request.message.token]
         self._reply(request, Code.CONTENT, b"", [(_OBSERVE, codec.encode_uint(0))])
-        observation.seq = 1
 
     def _unobserve(self, request: RequestReceived, client: CoapClient, topic_filter: str) -> None:
         session = client.session
@@ -611,6 +629,9 @@ class CoapGateway:
             final = CoapMessage(0, int(Code.CONFLICT), 0, observation.token, [], why.encode())
             self.endpoint.send_non(observation.peer, final)
         client.observations.clear()
+        waiting, client.waiting = client.waiting, []
+        for request in waiting:  # never leave an exchange unanswered
+            self._reply(request, Code.CONFLICT, why.encode())
         session, client.session = client.session, None
         if session is not None and not detached:
             session.close(publish_will=publish_will)
