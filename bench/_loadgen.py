@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from typing import Any
 
-HOST = "127.0.0.1"
+from _common import HOST
+
 PAYLOAD_SIZE = 64
 BATCH = 100
 """PUBLISH packets per ``sendall``."""
@@ -174,7 +175,7 @@ class _PacketReader:
         buf += data
         packets, pos = [], 0
         while True:
-            decoded = _remaining_length(buf, pos + 1)
+            decoded = remaining_length(buf, pos + 1)
             if decoded is None or decoded[1] + decoded[0] > len(buf):
                 break
             length, body_at = decoded
@@ -184,7 +185,7 @@ class _PacketReader:
         return packets
 
 
-def _remaining_length(buf: bytearray, at: int) -> tuple[int, int] | None:
+def remaining_length(buf: bytearray, at: int) -> tuple[int, int] | None:
     """(remaining length, offset of the body) from the varint at ``at``; None if incomplete (§2.2.3)."""
     value, shift = 0, 0
     for i in range(at, min(at + 4, len(buf))):
@@ -211,7 +212,7 @@ def _expect(sock: socket.socket, reader: _PacketReader, packet_type: int, count:
     return bodies
 
 
-def _connect(port: int, client_id: str) -> tuple[socket.socket, _PacketReader]:
+def connect(port: int, client_id: str) -> tuple[socket.socket, _PacketReader]:
     sock = socket.create_connection((HOST, port), timeout=SOCKET_TIMEOUT_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(connect_packet(client_id))
@@ -223,7 +224,7 @@ def _connect(port: int, client_id: str) -> tuple[socket.socket, _PacketReader]:
     return sock, reader
 
 
-def _subscribe(sock: socket.socket, reader: _PacketReader, filters: Sequence[str], qos: int) -> None:
+def subscribe(sock: socket.socket, reader: _PacketReader, filters: Sequence[str], qos: int) -> None:
     """Pipelines SUBSCRIBEs of up to ``_SUBSCRIBE_CHUNK`` filters, then checks every SUBACK."""
     chunks = [filters[i : i + _SUBSCRIBE_CHUNK] for i in range(0, len(filters), _SUBSCRIBE_CHUNK)]
     sock.sendall(b"".join(subscribe_packet(n + 1, chunk, qos) for n, chunk in enumerate(chunks)))
@@ -235,7 +236,7 @@ def _subscribe(sock: socket.socket, reader: _PacketReader, filters: Sequence[str
 # ---------------------------------------------------------------- processes
 
 
-def _child_setup(cpus: set[int] | None) -> None:
+def child_setup(cpus: set[int] | None) -> None:
     """Pins a load process; Ctrl-C is left to the parent, which stops the children itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if cpus:
@@ -249,13 +250,13 @@ def _subscriber_main(
     published: ctypes.c_int64,
     results: mp.Queue[tuple[str, Any]],
 ) -> None:
-    _child_setup(cpus)
+    child_setup(cpus)
     socks: list[socket.socket] = []
     try:
         for i, filters in enumerate(load.subscriptions):
-            sock, reader = _connect(load.port, f"bench-sub{i}-{os.getpid()}")
+            sock, reader = connect(load.port, f"bench-sub{i}-{os.getpid()}")
             socks.append(sock)
-            _subscribe(sock, reader, filters, load.qos)
+            subscribe(sock, reader, filters, load.qos)
         results.put(("sub-ready", None))
         cpu0 = time.process_time()
         n, last, p50_ms, p99_ms = _receive(load, socks, delivered, published)
@@ -309,7 +310,7 @@ def _receive(
             while end - pos >= 2:
                 first, length, body_at = buf[pos], buf[pos + 1], pos + 2
                 if length & 0x80:
-                    decoded = _remaining_length(buf, pos + 1)
+                    decoded = remaining_length(buf, pos + 1)
                     if decoded is None:
                         break
                     length, body_at = decoded
@@ -332,7 +333,7 @@ def _receive(
                 last = t
                 delivered.value = n
     ordered = sorted(latencies)
-    return n, last, _percentile_ms(ordered, 50), _percentile_ms(ordered, 99)
+    return n, last, percentile_ms(ordered, 50), percentile_ms(ordered, 99)
 
 
 def _send(sock: socket.socket, data: bytes | bytearray) -> None:
@@ -355,10 +356,10 @@ def _publisher_main(
     published: ctypes.c_int64,
     results: mp.Queue[tuple[str, Any]],
 ) -> None:
-    _child_setup(cpus)
+    child_setup(cpus)
     sent = 0
     try:
-        sock, reader = _connect(load.port, f"bench-pub-{os.getpid()}")
+        sock, reader = connect(load.port, f"bench-pub-{os.getpid()}")
         with sock:
             batches = _encode_batches(load.topics, load.qos)
             results.put(("pub-ready", None))
@@ -440,13 +441,13 @@ def _count_pubacks(sock: socket.socket, reader: _PacketReader, *, wait: bool) ->
 # ---------------------------------------------------------------- one run
 
 
-def _percentile_ms(sorted_ns: Sequence[int], p: float) -> float | None:
+def percentile_ms(sorted_ns: Sequence[int], p: float) -> float | None:
     if not sorted_ns:
         return None
     return sorted_ns[min(len(sorted_ns) - 1, round(p / 100 * (len(sorted_ns) - 1)))] / 1e6
 
 
-class _Inbox:
+class Inbox:
     """Messages from the two load processes, taken by kind whatever order they arrived in."""
 
     def __init__(self, results: mp.Queue[tuple[str, Any]]) -> None:
@@ -476,7 +477,7 @@ def run(load: Load, cpus: set[int] | None, probe: Callable[[], tuple[float, floa
     delivered = ctx.RawValue(ctypes.c_int64, 0)
     published = ctx.RawValue(ctypes.c_int64, -1)
     results: mp.Queue[tuple[str, Any]] = ctx.Queue()
-    inbox = _Inbox(results)
+    inbox = Inbox(results)
     go, finished = ctx.Event(), ctx.Event()
     sub = ctx.Process(target=_subscriber_main, args=(load, cpus, delivered, published, results), daemon=True)
     pub = ctx.Process(

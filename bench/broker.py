@@ -18,38 +18,38 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _loadgen import HOST, Load, LoadError, RunResult, run
+from _common import (
+    BUSY_OTHER_PCT,
+    HOST,
+    REPO,
+    Pinning,
+    StartError,
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    running,
+    tail,
+)
+from _loadgen import Load, LoadError, RunResult, run
 
-REPO = Path(__file__).resolve().parent.parent
 AMQTT_VENV = REPO / "bench" / ".venv-amqtt"
 AMQTT_REQUIREMENT = "amqtt==0.12.1"
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
 RUN_S, QUICK_RUN_S = 5.0, 1.0
 """Publishing time per scenario; the count (a tenth with --quick) may end it sooner."""
 DRAIN_S, QUICK_DRAIN_S = 5.0, 2.0
 """Longest wait for the last deliveries once publishing has stopped."""
-BUSY_OTHER_PCT = 25.0
-"""Rows where anything else kept the two CPUs busier than this are flagged: msgs/s not comparable."""
 
 
 class Unavailable(Exception):
     """A broker cannot be run on this machine (not installed, install failed)."""
-
-
-class StartError(Exception):
-    """A broker process exited or never accepted connections."""
 
 
 # ---------------------------------------------------------------- brokers
@@ -128,7 +128,7 @@ def _ensure_amqtt() -> Path:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise Unavailable(f"install failed: {exc}") from exc
         if done.returncode != 0:
-            raise Unavailable(f"install failed: {_tail(done.stdout + done.stderr)}")
+            raise Unavailable(f"install failed: {tail(done.stdout + done.stderr)}")
     if not exe.exists():
         raise Unavailable(f"install did not provide {exe}")
     return exe
@@ -144,103 +144,19 @@ BROKERS = {
 }
 
 
-def _tail(text: str, lines: int = 5) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(no output)"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StartError(f"exited with code {proc.returncode}: {_tail(log.read_text(errors='replace'))}")
-        try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
-        except OSError:
-            time.sleep(0.05)
-        else:
-            return
-    raise StartError(f"not accepting connections on port {port} after {START_TIMEOUT_S:.0f} s")
-
-
-def _pin_threads(pid: int, cpus: set[int]) -> None:
-    """Pins every thread the broker has; threads it starts later inherit the mask."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait(STOP_TIMEOUT_S)
-
-
 @contextlib.contextmanager
 def _running(
     broker: Broker, workdir: Path, label: str, cpus: set[int] | None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Starts the broker, yields (process, port) once it accepts connections; always stops and reaps it."""
-    port = _free_port()
+    port = free_port()
     argv = broker.command(workdir, port)
-    log = workdir / f"{broker.name}-{label}.log"
-    with log.open("wb") as out:
-        # Ctrl-C is held back until ``proc`` is bound, so the finally below always gets to stop the broker.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # nor does a Ctrl-C for the benchmark reach the broker
-            )
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            raise StartError(str(exc)) from exc
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            _wait_listening(proc, port, log)
-            if cpus:
-                _pin_threads(proc.pid, cpus)
-            yield proc, port
-        finally:
-            _stop(proc)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` (fields 14 and 15 of /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _busy_seconds(cpus: set[int]) -> float:
-    """Time ``cpus`` were not idle: user, nice, system, irq, softirq and steal in /proc/stat."""
-    ticks = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *columns = line.split()
-            if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, columns[:8])
-                ticks += user + nice + system + irq + softirq + steal
-    return ticks / os.sysconf("SC_CLK_TCK")
+    with running(argv, workdir / f"{broker.name}-{label}.log", port, cpus) as proc:
+        yield proc, port
 
 
 def _probe(pid: int, cpus: set[int] | None) -> tuple[float, float | None]:
-    return _cpu_seconds(pid), _busy_seconds(cpus) if cpus else None
+    return cpu_seconds(pid), busy_seconds(cpus) if cpus else None
 
 
 # ---------------------------------------------------------------- scenarios
@@ -404,23 +320,6 @@ def _print_table(rows: list[Row], ratios: dict[str, dict[str, float]]) -> None:
 
 
 # ---------------------------------------------------------------- main
-
-
-@dataclass(frozen=True, slots=True)
-class Pinning:
-    """CPUs of the load generator and of the broker; None (no pinning) on a single-cpu machine."""
-
-    load: set[int] | None
-    broker: set[int] | None
-
-    @property
-    def cpus(self) -> set[int] | None:
-        return self.load | self.broker if self.load and self.broker else None
-
-    @classmethod
-    def split(cls) -> Pinning:
-        cpus = sorted(os.sched_getaffinity(0))
-        return cls({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else cls(None, None)
 
 
 def _names(value: str, known: dict[str, Any]) -> list[str]:
