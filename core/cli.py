@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -67,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_toml(config))
         return 0
     setup_logging(config.log.level, config.log.format)
-    with contextlib.suppress(ImportError):
+    try:
         import uvloop
-
-        return uvloop.run(_run(config))
-    return asyncio.run(_run(config))
+    except ImportError:  # uvloop is optional off Linux
+        return asyncio.run(_run(config))
+    return uvloop.run(_run(config))
 
 
 if __name__ == "__main__":

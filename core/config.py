@@ -44,9 +44,12 @@ __all__ = [
     "CoapConfig",
     "Config",
     "GatewaysConfig",
+    "HardwareConfig",
     "ListenersConfig",
     "LogConfig",
+    "LwM2mConfig",
     "MqttSnConfig",
+    "SerialLinkConfig",
     "TcpListenerConfig",
     "apply_env",
     "build_section",
@@ -192,11 +195,60 @@ class CoapConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class LwM2mConfig:
+    """The LwM2M gateway (``[gateways.lwm2m]``), OMA LwM2M 1.0-1.2 over the project's CoAP engine, managed
+    through MQTT JSON commands with EMQX's topic convention."""
+
+    enabled: bool = True
+    bind: str = field(default="0.0.0.0:5783", metadata={"check": parse_bind})
+    clientid_prefix: str = ""  # broker client id = prefix + endpoint name
+    mountpoint: str = "lwm2m/{ep}/"  # topic prefix; {ep} is the endpoint name
+    topic_command: str = "dn/#"
+    topic_response: str = "up/resp"
+    topic_notify: str = "up/notify"
+    topic_register: str = "up/register"
+    topic_update: str = "up/update"
+    qos: int = field(default=0, metadata={"min": 0, "max": 2})  # of uplink publishes
+    lifetime_grace: float = field(default=5.0, metadata={"min": 0})  # seconds past the lifetime
+    auto_observe: list[str] = field(default_factory=list)  # paths, or ["all"] for every registered instance
+    queue_window: float = field(default=93.0, metadata={"min": 0})  # awake after an uplink: MAX_TRANSMIT_WAIT
+    max_queued_commands: int = field(default=100, metadata={"min": 1})
+    command_ttl: float = field(default=300.0, metadata={"min": 1})  # queued commands older get a timeout
+    request_timeout: float = field(default=60.0, metadata={"min": 0.1})  # the device's answer
+    xml_dir: str = ""  # more OMA object definitions (*.xml) beside the shipped ones
+    exchange_lifetime: float = field(default=247.0, metadata={"min": 1.0})
+    max_dedup_entries: int = field(default=100_000, metadata={"min": 1})
+    max_dedup_bytes: int = field(default=16 * 1024 * 1024, metadata={"min": 1024})
+
+
+@dataclass(slots=True, frozen=True)
 class GatewaysConfig:
     """The protocol gateways (``[gateways.*]``)."""
 
     mqttsn: MqttSnConfig = field(default_factory=MqttSnConfig)
     coap: CoapConfig = field(default_factory=CoapConfig)
+    lwm2m: LwM2mConfig = field(default_factory=LwM2mConfig)
+
+
+@dataclass(slots=True, frozen=True)
+class SerialLinkConfig:
+    """One serial radio bridge (``[[hardware.serial]]``): every node behind it is a client of a gateway of its
+    own, configured as ``[gateways.mqttsn]``."""
+
+    device: str  # /dev/ttyUSB0, /dev/serial/by-id/...
+    baudrate: int = field(default=115200, metadata={"min": 1})
+    framing: str = field(default="length", metadata={"choices": ("length", "slip", "xbee1", "xbee2")})
+    protocol: str = field(default="mqttsn", metadata={"choices": ("mqttsn",)})
+    max_frame: int = field(default=1024, metadata={"min": 2, "max": 65535})  # longer frames are dropped
+    reopen_min: float = field(default=0.5, metadata={"min": 0.01})  # seconds, first reopen delay
+    reopen_max: float = field(default=30.0, metadata={"min": 0.01})  # seconds, backoff ceiling
+
+
+@dataclass(slots=True, frozen=True)
+class HardwareConfig:
+    """Serial and radio links (``[hardware]``) whose nodes appear as gateway clients."""
+
+    serial: list[SerialLinkConfig] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -206,6 +258,7 @@ class Config:
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     gateways: GatewaysConfig = field(default_factory=GatewaysConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Coroutine, Hashable
 from typing import Any, Protocol, cast
 
 __all__ = ["DatagramCore", "UdpGatewayAdapter"]
 
 log = logging.getLogger("mqgate.udp")
+
+
+RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_receive_buffer(sock: socket.socket | None) -> None:
+    """Give the socket a 4 MiB receive buffer: the kernel default (about 200 KiB, a few hundred small
+    datagrams) overflows under bursts from thousands of devices, and those drops are invisible to us."""
+    if sock is None:
+        return
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError:  # SO_RCVBUFFORCE needs CAP_NET_ADMIN; the plain option is capped by net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
 class DatagramCore(Protocol):
@@ -53,6 +69,7 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         )
         self.transport = transport
         self.port = transport.get_extra_info("sockname")[1]
+        _grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.core.receive_datagram(data, addr, self.loop.time())
