@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import OrderedDict
+from collections.abc import Hashable
 from datetime import datetime
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "PeerLog", "TextFormatter", "setup_logging"]
 
 
 def _rfc3339(created: float) -> str:
@@ -50,3 +52,24 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class PeerLog:
+    """Log bad input once per peer, remembering a bounded number of peers, so that a noisy or hostile device
+    cannot flood the log (the counters still count every event)."""
+
+    __slots__ = ("_logger", "_peers", "_prefix", "max_peers")
+
+    def __init__(self, logger: logging.Logger, prefix: str, max_peers: int = 1024) -> None:
+        self._logger = logger
+        self._prefix = prefix
+        self._peers: OrderedDict[Hashable, None] = OrderedDict()
+        self.max_peers = max_peers
+
+    def warning(self, peer: Hashable, text: str, *args: object) -> None:
+        if peer in self._peers:
+            return
+        self._peers[peer] = None
+        if len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+        self._logger.warning("%s %s: " + text, self._prefix, peer, *args)

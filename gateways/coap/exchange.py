@@ -20,11 +20,13 @@ both are counted.
 from __future__ import annotations
 
 import heapq
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from core.logging import PeerLog
 from gateways.coap import codec
 from gateways.coap.codec import CoapFormatError, CoapMessage
 from gateways.coap.numbers import Code, Timing, Type
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 CON, NON, ACK, RST = int(Type.CON), int(Type.NON), int(Type.ACK), int(Type.RST)
+
+log = logging.getLogger("mqgate.coap")
 
 
 @dataclass(slots=True)
@@ -157,6 +161,7 @@ class CoapEndpoint:
         self._seq = 0
         self._next_mid = self.rng.randrange(0x10000)
         self._outbox: list[tuple[Hashable, bytes]] = []
+        self._bad_input = PeerLog(log, "coap")
         self._lifetime = (
             self.exchange_lifetime if self.exchange_lifetime is not None else self.timing.exchange_lifetime
         )
@@ -185,6 +190,7 @@ class CoapEndpoint:
             msg = codec.decode(data)
         except CoapFormatError as exc:
             self.metrics.malformed += 1
+            self._bad_input.warning(peer, "dropped a malformed datagram: %s", exc)
             if exc.mtype == CON and exc.mid is not None:
                 self._send(peer, codec.reset(exc.mid))
             return None
