@@ -143,10 +143,14 @@ class CoapClient:
     observations: dict[bytes, _Observation] = field(default_factory=dict)
     waiting: list[RequestReceived] = field(default_factory=list)
     opening: bool = False
+    held: list[tuple[Message, int, int]] | None = None  # deliveries during a subscribe (retained messages)
 
     def deliver(
         self, message: Message, qos: int, packet_id: int, dup: bool, retain: bool, sub_ids: tuple[int, ...]
     ) -> None:
+        if self.held is not None:
+            self.held.append((message, qos, packet_id))
+            return
         self.gateway.notify(self, message, qos, packet_id)
 
     def deliver_pubrel(self, packet_id: int) -> None:
@@ -496,12 +500,32 @@ class CoapGateway:
         if previous is None or previous.topic_filter != topic_filter or previous.peer != request.peer:
             client.observations[token] = _Observation(request.peer, token, topic_filter, path)
         # else a re-registration (RFC 7641 §3.3.1): the sequence goes on
-        granted = session.subscribe([Subscription(topic_filter, qos)])[0]
+        client.held = []
+        try:
+            granted = session.subscribe([Subscription(topic_filter, qos)])[0]
+        finally:
+            held, client.held = client.held, None
         if granted >= 0x80:
-            del client.observations[request.message.token]
+            del client.observations[token]
             raise _Reject(_coap_code_of(granted), f"subscription refused: reason 0x{granted:02x}")
         self.count("observations")
-        self._reply(request, Code.CONTENT, b"", [(_OBSERVE, codec.encode_uint(0))])
+        # The registration response carries the current value, a retained message if there is one (RFC 7641
+        # §3.2, §4.1); other retained matches of a wildcard follow as notifications.
+        options = [(_OBSERVE, codec.encode_uint(0))]
+        payload = b""
+        if held:
+            message, held_qos, packet_id = held.pop(0)
+            payload = message.payload
+            content_type = message.properties.content_type
+            if content_type in _FORMAT_OF:
+                options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
+            if held_qos:
+                if held_qos == 2:
+                    session.received(packet_id)
+                session.ack(packet_id)
+        self._reply(request, Code.CONTENT, payload, options)
+        for message, held_qos, packet_id in held:
+            self.notify(client, message, held_qos, packet_id)
 
     def _unobserve(self, request: RequestReceived, client: CoapClient, topic_filter: str) -> None:
         session = client.session

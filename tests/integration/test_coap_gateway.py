@@ -617,19 +617,17 @@ def test_observing_a_topic_with_a_retained_message_gets_it_and_stays_registered(
     mqtt.publish("kept/t", b"retained", 1, retain=True)
 
     observer = coap.observer(coap_uri(mqgate, "mqtt/kept/t", {"c": "kept-cli"}))
-    # the retained message is sent while subscribing, so it may come before the registration's 2.05
-    first_two = [observer.expect(), observer.expect()]
-    assert {p.code for p in first_two} == {"2.05"}
-    assert "retained" in [p.text for p in first_two]
-    assert all(p.observe is not None for p in first_two)
+    # the registration response carries the current value: the retained message (RFC 7641 §4.1)
+    registration = observer.expect()
+    assert (registration.code, registration.text) == ("2.05", "retained")
+    assert registration.observe is not None
 
     observation = aio.observe(coap_uri(mqgate, "mqtt/kept/t", {"c": "kept-aio"}))
-    if observation.first.payload != b"retained":
-        assert observation.expect().payload == b"retained"
+    assert observation.first.payload == b"retained"
 
     mqtt.publish("kept/t", b"live", 1)
     live = observer.expect()
     assert (live.text, live.code) == ("live", "2.05")
-    assert live.observe is not None and live.observe > max(p.observe or 0 for p in first_two)
+    assert live.observe is not None and live.observe > registration.observe
     assert observation.expect().payload == b"live"
     assert subscriptions(mqgate, "kept-cli") == subscriptions(mqgate, "kept-aio") == {"kept/t"}

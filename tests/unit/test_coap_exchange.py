@@ -940,9 +940,11 @@ def test_retained_message_at_registration_then_a_live_one_keep_increasing_sequen
     out = h.send(A, req(GET, "mqtt/st/door", "c=obs", token=b"o", options=[observe_option(0)]))
     h.publish("st/door", b"open")
     out += h.take(A)
-    notes = [m for m in out if m.mtype != ACK]
-    assert [n.payload for n in notes] == [b"closed", b"open"]
-    first, second = (n.observe() for n in notes)
+    # the registration response carries the current (retained) value, RFC 7641 §4.1
+    (registration,) = [m for m in out if m.mtype == ACK]
+    (live,) = [m for m in out if m.mtype != ACK]
+    assert (registration.payload, live.payload) == (b"closed", b"open")
+    first, second = registration.observe(), live.observe()
     assert first is not None and second is not None
     assert second > first
 
