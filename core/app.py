@@ -12,7 +12,7 @@ from typing import Protocol
 from core.broker.broker import Broker
 from core.broker.embedded import EmbeddedBroker
 from core.clock import LoopClock
-from core.config import Config, parse_bind
+from core.config import Config, SerialLinkConfig, parse_bind
 from core.errors import ConfigError
 from core.listeners.tcp import MqttTcpListener
 
@@ -48,6 +48,7 @@ class App:
 
     async def start(self) -> None:
         """Start the broker, listeners and gateways; ConfigError names an address that cannot be bound."""
+        _check_serial_devices(self.config)
         loop = asyncio.get_running_loop()
         broker = self.broker = Broker(
             self.config.broker,
@@ -59,6 +60,7 @@ class App:
         tcp = self.config.listeners.tcp
         mqttsn = self.config.gateways.mqttsn
         coap = self.config.gateways.coap
+        lwm2m = self.config.gateways.lwm2m
         try:
             if tcp.enabled:
                 host, port = parse_bind(tcp.bind, "listeners.tcp.bind")
@@ -77,6 +79,12 @@ class App:
                 from gateways.coap.adapter import CoapUdpGateway
 
                 await self._start(CoapUdpGateway(coap, embedded), "gateways.coap.bind", coap.bind)
+            if lwm2m.enabled:
+                from gateways.lwm2m.adapter import LwM2mUdpGateway
+
+                await self._start(LwM2mUdpGateway(lwm2m, embedded), "gateways.lwm2m.bind", lwm2m.bind)
+            for link in self.config.hardware.serial:
+                await self._start_serial(link, embedded)
         except BaseException:
             await self.stop()
             raise
@@ -90,6 +98,16 @@ class App:
             raise ConfigError(f"{key}: cannot listen on {bind}: {exc.strerror or exc}") from None
         self.listeners[listener.name] = listener
         log.info("%s listening on %s", listener.name, listener.address)
+
+    async def _start_serial(self, config: SerialLinkConfig, broker: EmbeddedBroker) -> None:
+        """One gateway per serial link. A device that cannot be opened is not fatal: its link logs it and
+        keeps reopening it with backoff."""
+        from hardware.gateway import MqttSnLinkGateway
+        from hardware.serial import SerialLink
+
+        gateway = MqttSnLinkGateway(self.config.gateways.mqttsn, broker, SerialLink(config, rng=self.rng))
+        self.listeners[gateway.name] = gateway
+        await gateway.start()
 
     async def _tick(self) -> None:
         """Will delays, session expiry and $SYS, once a second (their units are seconds)."""
@@ -117,3 +135,15 @@ class App:
         self.listeners.clear()
         if self.broker is not None:
             self.broker.shutdown(asyncio.get_running_loop().time())
+
+
+def _check_serial_devices(config: Config) -> None:
+    """Each serial device once: two gateways cannot share one port."""
+    seen: dict[str, int] = {}
+    for index, link in enumerate(config.hardware.serial):
+        first = seen.get(link.device)
+        if first is not None:
+            raise ConfigError(
+                f"hardware.serial[{index}].device: {link.device} is already hardware.serial[{first}]"
+            )
+        seen[link.device] = index

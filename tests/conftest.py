@@ -38,6 +38,7 @@ class RunningBroker:
             "gateways": {
                 "mqttsn": {"bind": "127.0.0.1:0", "advertise_interval": 0},
                 "coap": {"bind": "127.0.0.1:0"},
+                "lwm2m": {"bind": "127.0.0.1:0"},
             },
         }
         for section, values in overrides.items():

@@ -104,7 +104,8 @@ def parse_object_links(payload: bytes) -> tuple[list[ObjectLink], str | None, in
     try:
         text = payload.decode()
         links = linkformat.parse(text).links
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, linkformat.link_header.ParseException) as exc:
+        # aiocoap's link-format parser raises its own ParseException (not a ValueError) for bad syntax
         raise MalformedPacket(f"object list is not link-format: {exc}", BAD_REQUEST) from None
     objects: list[ObjectLink] = []
     alternate: str | None = None

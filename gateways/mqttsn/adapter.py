@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import MqttSnConfig, parse_bind
-from gateways.base import Broker
+from gateways.base import Broker, SessionHandle
 from gateways.mqttsn.channel import MqttSnChannel
 from gateways.mqttsn.gateway import MqttSnGateway
 from gateways.udp import UdpGatewayAdapter
 
-__all__ = ["MqttSnUdpGateway"]
+__all__ = ["MqttSnUdpGateway", "open_channel_session", "open_qos3_session"]
 
 log = logging.getLogger("mqgate.mqttsn")
 
@@ -41,9 +42,8 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
         """Bind the socket (OSError if it cannot be bound) and start advertising."""
         await super().start()
         if self.config.enable_qos3:
-            client = ClientInfo(self.config.qos3_clientid, "mqttsn", self.address)
-            self.gateway.qos3_session = await self.broker.open_session(
-                client, clean_start=True, expiry=0, will=None, sink=_NoDeliveries(), max_inflight=1
+            self.gateway.qos3_session = await open_qos3_session(
+                self.broker, self.config.qos3_clientid, self.address
             )
         if self.config.advertise_interval:
             self._advertise()
@@ -53,30 +53,8 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
             self.spawn(self._open_session(channel))
 
     async def _open_session(self, channel: MqttSnChannel) -> None:
-        config = self.config
-        client = ClientInfo(
-            config.clientid_prefix + channel.client_id, "mqttsn", str(channel.peer), config.username or None
-        )
-        credentials = Credentials(
-            config.username or None, config.password.encode() if config.password else None
-        )
         try:
-            auth = await self.broker.authenticate(client, credentials)
-            if not auth.allowed:
-                channel.session_refused(auth.reason_code, self.loop.time())
-                return
-            session = await self.broker.open_session(
-                client,
-                clean_start=channel.clean_session,
-                expiry=0 if channel.clean_session else config.session_expiry,
-                will=channel.will,
-                sink=channel,
-                max_inflight=config.max_inflight,
-            )
-            channel.session_opened(session, self.loop.time())
-        except Exception:
-            log.exception("mqttsn %s: opening the broker session failed", channel.client_id)
-            channel.session_refused(0x88, self.loop.time())
+            await open_channel_session(self.broker, self.config, channel, self.loop.time)
         finally:
             self.flush()
 
@@ -93,6 +71,42 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
         self.gateway.shutdown()
         if self.gateway.qos3_session is not None:
             self.gateway.qos3_session.close(publish_will=False)
+
+
+async def open_channel_session(
+    broker: Broker, config: MqttSnConfig, channel: MqttSnChannel, now: Callable[[], float]
+) -> None:
+    """Authenticate the client of a CONNECT and open its broker session, then tell the channel (which queues
+    the CONNACK); shared by every link the gateway runs on. The caller flushes the gateway afterwards."""
+    client = ClientInfo(
+        config.clientid_prefix + channel.client_id, "mqttsn", str(channel.peer), config.username or None
+    )
+    credentials = Credentials(config.username or None, config.password.encode() if config.password else None)
+    try:
+        auth = await broker.authenticate(client, credentials)
+        if not auth.allowed:
+            channel.session_refused(auth.reason_code, now())
+            return
+        session = await broker.open_session(
+            client,
+            clean_start=channel.clean_session,
+            expiry=0 if channel.clean_session else config.session_expiry,
+            will=channel.will,
+            sink=channel,
+            max_inflight=config.max_inflight,
+        )
+        channel.session_opened(session, now())
+    except Exception:
+        log.exception("mqttsn %s: opening the broker session failed", channel.client_id)
+        channel.session_refused(0x88, now())
+
+
+async def open_qos3_session(broker: Broker, client_id: str, address: str) -> SessionHandle:
+    """The session QoS -1 PUBLISHes (§6.8) are published from; it subscribes to nothing."""
+    client = ClientInfo(client_id, "mqttsn", address)
+    return await broker.open_session(
+        client, clean_start=True, expiry=0, will=None, sink=_NoDeliveries(), max_inflight=1
+    )
 
 
 class _NoDeliveries:

@@ -789,6 +789,24 @@ class MqttSnChannel:
         else:
             self.gateway.schedule(self, now + self.gateway.config.session_expiry)
 
+    def link_lost(self, now: float, why: str) -> None:
+        """The link under the client went away (its serial device was unplugged): a connected or sleeping
+        client is lost (§6.14: its will is published); an unfinished CONNECT is dropped."""
+        if self.connected:
+            self._lose(now, why)
+        elif self.state in (
+            ChannelState.AWAITING_WILL_TOPIC,
+            ChannelState.AWAITING_WILL_MESSAGE,
+            ChannelState.CONNECTING,
+        ):
+            session, self.session = self.session, None  # a connected client that re-sent CONNECT
+            self._reset_deliveries()
+            self._held = None
+            self.state = ChannelState.DISCONNECTED  # a session opening in flight is closed when it lands
+            if session is not None:
+                session.close(publish_will=True)
+            self.gateway.channel_gone(self)
+
     def take_over(self, now: float, new_peer: object) -> None:
         """Another address connects with this client id while it is active: the old link is lost (its will
         is published); the gateway then binds the channel to the new address."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 
@@ -19,6 +18,7 @@ from core.broker.types import Message
 from core.clock import Clock
 from core.config import MqttSnConfig
 from core.errors import MalformedPacket
+from core.logging import PeerLog
 from gateways.base import SessionHandle
 from gateways.mqttsn import codec
 from gateways.mqttsn.channel import ChannelState, MqttSnChannel
@@ -27,8 +27,6 @@ from gateways.mqttsn.numbers import TopicIdType
 __all__ = ["ForwardedPeer", "MqttSnGateway", "MqttSnMetrics"]
 
 log = logging.getLogger("mqgate.mqttsn")
-
-_LOGGED_PEERS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +82,7 @@ class MqttSnGateway:
         self._timers: list[tuple[float, int, MqttSnChannel]] = []
         self._timer_seq = 0
         self._session_requests: list[MqttSnChannel] = []
-        self._logged: OrderedDict[Hashable, None] = OrderedDict()
+        self._bad_input = PeerLog(log, "mqttsn")
 
     # --- what channels use (channel.Gateway)
 
@@ -170,7 +168,7 @@ class MqttSnGateway:
                     raise MalformedPacket("nested encapsulation", 0x03)
         except MalformedPacket as exc:
             self.metrics.malformed += 1
-            self._log_once(peer, "dropped a malformed datagram: %s", exc)
+            self._bad_input.warning(peer, "dropped a malformed datagram: %s", exc)
             return
         channel = self.by_peer.get(peer)
         if channel is not None and not isinstance(message, codec.Connect | codec.Pingreq):
@@ -188,7 +186,7 @@ class MqttSnGateway:
             owner = self.by_client.get(message.client_id) if message.client_id else channel
             if owner is None:
                 self.metrics.unknown_peer += 1
-                self._log_once(peer, "PINGREQ from an unknown client %r", message.client_id)
+                self._bad_input.warning(peer, "PINGREQ from an unknown client %r", message.client_id)
                 return
             if owner.peer != peer:
                 self._rebind(owner, peer)
@@ -201,7 +199,7 @@ class MqttSnGateway:
             pass  # another gateway, or a client answering a SEARCHGW for one: nothing for us
         else:
             self.metrics.unknown_peer += 1
-            self._log_once(
+            self._bad_input.warning(
                 peer, "dropped %s from a peer without a connection", type(message).__name__.upper()
             )
 
@@ -217,7 +215,7 @@ class MqttSnGateway:
         if owner is None:
             if len(self.by_client) >= self.config.max_clients:
                 self.metrics.too_many_clients += 1
-                self._log_once(peer, "refused CONNECT of %r: max_clients reached", message.client_id)
+                self._bad_input.warning(peer, "refused CONNECT of %r: max_clients reached", message.client_id)
                 self.send(peer, codec.Connack(0x01))
                 return
             owner = MqttSnChannel(self, peer, message.client_id, now)
@@ -249,7 +247,7 @@ class MqttSnGateway:
                 topic = None
         if not self.config.enable_qos3 or session is None or topic is None or "+" in topic or "#" in topic:
             self.metrics.qos3_dropped += 1
-            self._log_once(
+            self._bad_input.warning(
                 peer, "dropped a QoS -1 PUBLISH (enabled: %s, topic: %r)", self.config.enable_qos3, topic
             )
             return
@@ -258,14 +256,16 @@ class MqttSnGateway:
         else:
             self.metrics.qos3_dropped += 1
 
-    def _log_once(self, peer: Hashable, text: str, *args: object) -> None:
-        """Log bad input once per peer (a bounded memory of peers), so a noisy device cannot flood the log."""
-        if peer in self._logged:
-            return
-        self._logged[peer] = None
-        if len(self._logged) > _LOGGED_PEERS:
-            self._logged.popitem(last=False)
-        log.warning("mqttsn %s: " + text, peer, *args)
+    def lose_all(self, now: float, why: str) -> int:
+        """The link under every client went away: each connected or sleeping client is lost now (its will is
+        published), unfinished CONNECTs are dropped, queued datagrams are discarded. Returns how many were
+        lost."""
+        lost = 0
+        for channel in list(self.by_client.values()):
+            lost += channel.connected
+            channel.link_lost(now, why)
+        self._outbox.clear()
+        return lost
 
     def shutdown(self) -> None:
         """Detach every channel from the broker (no wills: the gateway goes away, not the devices)."""

@@ -36,8 +36,13 @@ PURE_MODULES: tuple[str, ...] = (
     "core.mqtt.numbers",
     "core.mqtt.codec",
     "core.mqtt.connection",
+    "hardware.link",
+    "hardware.framing",
+    "gateways.lwm2m.content",
+    "gateways.lwm2m.senml",
+    "gateways.lwm2m.tlv",
 )
-PURE_PACKAGES: tuple[str, ...] = ("core.broker",)
+PURE_PACKAGES: tuple[str, ...] = ("core.broker", "hardware.framing")
 """Every module directly in these packages is pure."""
 PURE_GLOBS: tuple[str, ...] = (
     "gateways/**/codec.py",
