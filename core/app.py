@@ -15,6 +15,8 @@ from core.clock import LoopClock
 from core.config import Config, SerialLinkConfig, parse_bind
 from core.errors import ConfigError
 from core.listeners.tcp import MqttTcpListener
+from gateways.base import Broker as GatewayBroker
+from gateways.upstream import UpstreamBroker
 
 __all__ = ["App", "Listener"]
 
@@ -44,6 +46,7 @@ class App:
         self.rng = rng or random.Random()
         self.broker: Broker | None = None
         self.listeners: dict[str, Listener] = {}
+        self.upstream: UpstreamBroker | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -56,13 +59,18 @@ class App:
             node_name=f"mqgate@{socket.gethostname()}",
             started_at=loop.time(),
         )
-        embedded = EmbeddedBroker(broker, LoopClock(loop))
+        gateway_broker: GatewayBroker = EmbeddedBroker(broker, LoopClock(loop))
+        upstream_config = self.config.upstream
         tcp = self.config.listeners.tcp
         mqttsn = self.config.gateways.mqttsn
         coap = self.config.gateways.coap
         lwm2m = self.config.gateways.lwm2m
         try:
-            if tcp.enabled:
+            if upstream_config.url:
+                upstream = self.upstream = UpstreamBroker(upstream_config, LoopClock(loop), rng=self.rng)
+                await upstream.start()
+                gateway_broker = upstream
+            if tcp.enabled and (not upstream_config.url or upstream_config.embedded_listeners):
                 host, port = parse_bind(tcp.bind, "listeners.tcp.bind")
                 await self._start(
                     MqttTcpListener(
@@ -74,17 +82,18 @@ class App:
             if mqttsn.enabled:
                 from gateways.mqttsn.adapter import MqttSnUdpGateway
 
-                await self._start(MqttSnUdpGateway(mqttsn, embedded), "gateways.mqttsn.bind", mqttsn.bind)
+                sn_gateway = MqttSnUdpGateway(mqttsn, gateway_broker)
+                await self._start(sn_gateway, "gateways.mqttsn.bind", mqttsn.bind)
             if coap.enabled:
                 from gateways.coap.adapter import CoapUdpGateway
 
-                await self._start(CoapUdpGateway(coap, embedded), "gateways.coap.bind", coap.bind)
+                await self._start(CoapUdpGateway(coap, gateway_broker), "gateways.coap.bind", coap.bind)
             if lwm2m.enabled:
                 from gateways.lwm2m.adapter import LwM2mUdpGateway
 
-                await self._start(LwM2mUdpGateway(lwm2m, embedded), "gateways.lwm2m.bind", lwm2m.bind)
+                await self._start(LwM2mUdpGateway(lwm2m, gateway_broker), "gateways.lwm2m.bind", lwm2m.bind)
             for link in self.config.hardware.serial:
-                await self._start_serial(link, embedded)
+                await self._start_serial(link, gateway_broker)
         except BaseException:
             await self.stop()
             raise
@@ -99,7 +108,7 @@ class App:
         self.listeners[listener.name] = listener
         log.info("%s listening on %s", listener.name, listener.address)
 
-    async def _start_serial(self, config: SerialLinkConfig, broker: EmbeddedBroker) -> None:
+    async def _start_serial(self, config: SerialLinkConfig, broker: GatewayBroker) -> None:
         """One gateway per serial link. A device that cannot be opened is not fatal: its link logs it and
         keeps reopening it with backoff."""
         from hardware.gateway import MqttSnLinkGateway
@@ -133,6 +142,9 @@ class App:
         for listener in reversed(list(self.listeners.values())):
             await listener.stop()
         self.listeners.clear()
+        if self.upstream is not None:
+            await self.upstream.stop()
+            self.upstream = None
         if self.broker is not None:
             self.broker.shutdown(asyncio.get_running_loop().time())
 

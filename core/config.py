@@ -51,6 +51,7 @@ __all__ = [
     "MqttSnConfig",
     "SerialLinkConfig",
     "TcpListenerConfig",
+    "UpstreamConfig",
     "apply_env",
     "build_section",
     "dump_toml",
@@ -251,6 +252,38 @@ class HardwareConfig:
     serial: list[SerialLinkConfig] = field(default_factory=list)
 
 
+def _check_upstream_url(value: str, key: str) -> None:
+    if value and not (value.startswith("mqtt://") or value.startswith("mqtts://")):
+        raise ConfigError(f"{key}: {value!r} must be mqtt://host:port or mqtts://host:port (or empty)")
+
+
+@dataclass(slots=True, frozen=True)
+class UpstreamConfig:
+    """Gateway-only edge mode (``[upstream]``): with a url, every gateway session goes to that broker and the
+    embedded broker's MQTT listeners stay off unless ``embedded_listeners`` is true."""
+
+    url: str = field(default="", metadata={"check": _check_upstream_url})  # "" = the embedded broker
+    mode: str = field(default="transparent", metadata={"choices": ("transparent", "aggregating")})
+    protocol_version: int = field(default=4, metadata={"choices": (4, 5)})
+    credentials: str = field(default="gateway", metadata={"choices": ("gateway", "device")})
+    username: str = ""  # the gateway's own credentials upstream (credentials = "gateway", and aggregating)
+    password: str = ""
+    clientid_prefix: str = ""  # upstream client id = prefix + device client id (transparent)
+    client_id: str = ""  # of the shared connection in aggregating mode; "" = mqgate-edge-{hostname}
+    keepalive: int = field(default=60, metadata={"min": 0, "max": 65535})
+    ca_file: str = ""  # mqtts: trust these CAs (system CAs when empty)
+    cert_file: str = ""  # mqtts: client certificate
+    key_file: str = ""
+    server_name: str = ""  # mqtts: SNI and the name checked in the certificate; "" = the url's host
+    verify: bool = True
+    buffer_dir: str = "mqgate-buffer"  # store-and-forward queue of QoS 1/2 messages (sqlite)
+    max_buffer_bytes: int = field(default=64 * 1024 * 1024, metadata={"min": 1024})
+    max_inflight: int = field(default=32, metadata={"min": 1, "max": 65000})
+    backoff_min: float = field(default=0.5, metadata={"min": 0.01})
+    backoff_max: float = field(default=30.0, metadata={"min": 0.01})
+    embedded_listeners: bool = False
+
+
 @dataclass(slots=True, frozen=True)
 class Config:
     """The whole configuration: one field per top-level TOML table."""
@@ -258,6 +291,7 @@ class Config:
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     gateways: GatewaysConfig = field(default_factory=GatewaysConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

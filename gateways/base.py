@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
+from core.errors import MqgateError
 
 __all__ = [
     "AuthResult",
@@ -26,9 +27,18 @@ __all__ = [
     "DeliverySink",
     "Message",
     "SessionHandle",
+    "SessionRefused",
     "Subscription",
     "Will",
 ]
+
+
+class SessionRefused(MqgateError):
+    """The broker refused to open a session; ``reason_code`` is the MQTT 5 reason code."""
+
+    def __init__(self, reason_code: int) -> None:
+        super().__init__(f"session refused: reason 0x{reason_code:02x}")
+        self.reason_code = reason_code
 
 
 class SessionHandle(Protocol):
@@ -96,4 +106,9 @@ class Broker(Protocol):
         will: Will | None,
         sink: DeliverySink,
         max_inflight: int,
-    ) -> SessionHandle: ...
+        credentials: Credentials | None = None,
+    ) -> SessionHandle:
+        """Open (or take over) the session of ``client``; raises :class:`SessionRefused` when the broker
+        refuses it (edge mode: the upstream broker's CONNACK code). ``credentials`` are what the device
+        presented, for a broker that authenticates per session."""
+        ...

@@ -124,6 +124,7 @@ class EmbeddedBroker:
         will: Will | None,
         sink: DeliverySink,
         max_inflight: int,
+        credentials: Credentials | None = None,
     ) -> EmbeddedSession:
         session, present = self.broker.open_session(
             client,

@@ -48,6 +48,7 @@ __all__ = [
     "Unsubscribe",
     "WillSpec",
     "decode_packet",
+    "decode_publish_properties",
     "encode",
     "encode_all",
     "encode_properties",
@@ -549,6 +550,11 @@ def _check_property_values(values: dict[str, Any]) -> None:
         raise MalformedPacket("topic alias 0 is not allowed", ReasonCode.TOPIC_ALIAS_INVALID)
     if 0 in values.get("subscription_identifiers", ()):
         raise MalformedPacket("subscription identifier 0 is not allowed", PROTOCOL)
+
+
+def decode_publish_properties(data: bytes) -> Properties:
+    """PUBLISH properties from the bytes :func:`encode_properties` made (e.g. kept in a store)."""
+    return _decode_properties(_Reader(data, 0, len(data)), PacketType.PUBLISH) if data else EMPTY_PROPERTIES
 
 
 def encode_properties(props: Properties) -> bytes:

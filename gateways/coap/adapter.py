@@ -8,7 +8,7 @@ import logging
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import CoapConfig, parse_bind
-from gateways.base import Broker
+from gateways.base import Broker, SessionRefused
 from gateways.coap.gateway import CoapGateway, SessionRequest
 from gateways.udp import UdpGatewayAdapter
 
@@ -52,8 +52,11 @@ class CoapUdpGateway(UdpGatewayAdapter):
                 will=None,
                 sink=request.client,
                 max_inflight=self.config.max_inflight,
+                credentials=credentials,
             )
             gateway.session_opened(request, session, self.loop.time())
+        except SessionRefused as exc:
+            gateway.session_refused(request, exc.reason_code, self.loop.time())
         except Exception:
             log.exception("coap %s: opening the broker session failed", client_id)
             gateway.session_refused(request, 0x88, self.loop.time())

@@ -8,7 +8,7 @@ import logging
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import LwM2mConfig, parse_bind
-from gateways.base import Broker
+from gateways.base import Broker, SessionRefused
 from gateways.lwm2m.gateway import LwM2mGateway, SessionRequest
 from gateways.lwm2m.objects import ObjectRegistry
 from gateways.udp import UdpGatewayAdapter
@@ -46,14 +46,23 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
             self.config.clientid_prefix + device.endpoint, "lwm2m", peer_text, device.endpoint
         )
         try:
-            auth = await self.broker.authenticate(client, Credentials(device.endpoint, None))
+            credentials = Credentials(device.endpoint, None)
+            auth = await self.broker.authenticate(client, credentials)
             if not auth.allowed:
                 self.gateway.session_refused(device, auth.reason_code, self.loop.time())
                 return
             session = await self.broker.open_session(
-                client, clean_start=True, expiry=0, will=None, sink=device, max_inflight=32
+                client,
+                clean_start=True,
+                expiry=0,
+                will=None,
+                sink=device,
+                max_inflight=32,
+                credentials=credentials,
             )
             self.gateway.session_opened(device, session, self.loop.time())
+        except SessionRefused as exc:
+            self.gateway.session_refused(device, exc.reason_code, self.loop.time())
         except Exception:
             log.exception("lwm2m %s: opening the broker session failed", device.endpoint)
             self.gateway.session_refused(device, 0x88, self.loop.time())

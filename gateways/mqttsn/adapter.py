@@ -14,7 +14,7 @@ from collections.abc import Callable
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import MqttSnConfig, parse_bind
-from gateways.base import Broker, SessionHandle
+from gateways.base import Broker, SessionHandle, SessionRefused
 from gateways.mqttsn.channel import MqttSnChannel
 from gateways.mqttsn.gateway import MqttSnGateway
 from gateways.udp import UdpGatewayAdapter
@@ -94,8 +94,11 @@ async def open_channel_session(
             will=channel.will,
             sink=channel,
             max_inflight=config.max_inflight,
+            credentials=credentials,
         )
         channel.session_opened(session, now())
+    except SessionRefused as exc:
+        channel.session_refused(exc.reason_code, now())
     except Exception:
         log.exception("mqttsn %s: opening the broker session failed", channel.client_id)
         channel.session_refused(0x88, now())

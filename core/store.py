@@ -1,0 +1,471 @@
+"""A bounded, durable FIFO of outgoing MQTT messages on sqlite3 (edge-mode store-and-forward, bridges).
+
+One :class:`MessageStore` is one sqlite database file. Messages belong to a *stream* (one per device
+session, or a single shared stream, or one per bridge); each stream is delivered in append order, and the
+store as a whole holds at most ``max_bytes`` of messages (see :func:`message_size`). It is the issue-7
+buffer behind ``upstream.buffer_dir`` / ``upstream.max_buffer_bytes``: a QoS 1/2 publish is appended
+(committed) *before* the device is acknowledged, and deleted once the upstream broker has acknowledged it.
+
+Durability: :meth:`MessageStore.append`, :meth:`~MessageStore.append_many` and :meth:`~MessageStore.delete`
+return only after their transaction is committed. The database runs in WAL mode with ``synchronous=NORMAL``,
+so **a committed append survives the process dying** (crash, ``SIGKILL``, restart); a power loss or an OS
+crash may lose the last transactions committed since the previous WAL checkpoint (never corrupting the
+file), because commits are not fsync'ed one by one. A message whose delete was lost in a crash is delivered
+again: QoS 1 allows duplicates.
+
+Bound: an append that would take the total over ``max_bytes`` is refused (``None``, counted in
+:attr:`MessageStore.rejected_full`) and the caller answers the device with its congestion code (MQTT-SN rc
+0x01, CoAP 5.03); nothing is ever dropped to make room. Totals (count and bytes, overall and per stream) are
+kept in memory, loaded at open, so the bound check is O(1).
+
+Ids are increasing integers (the order) and are never reused while the store is open, so a late delete of an
+id cannot remove a newer message. They are assigned here, from the largest pending id, rather than by
+sqlite's ``AUTOINCREMENT``: that keyword rewrites the ``sqlite_sequence`` page on every insert, one more WAL
+frame per append, and measured 1.2-1.8x slower per append+delete. After a reopen, new ids are larger than
+every pending id.
+
+Threads and asyncio: the store is synchronous and imports no asyncio. A committed append or delete costs
+tens of microseconds (no fsync on commit), which is small enough to call on the event-loop thread; use one
+store from one thread at a time. The database is opened with ``locking_mode=EXCLUSIVE``: a second process
+(or a second store in this one) opening the same file gets a :class:`StoreError` instead of interleaving
+deliveries.
+
+Errors: a file that is unreadable, corrupt (checked with ``PRAGMA quick_check`` at open), not an mqgate
+store, or locked raises :class:`StoreError` naming the path and the cause; so does a failed write (disk
+full, I/O error). The caller decides what to do; the store never deletes or rewrites data to recover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from core.errors import MqgateError
+
+__all__ = ["ROW_OVERHEAD", "MessageStore", "NewMessage", "StoreError", "StoredMessage", "message_size"]
+
+APPLICATION_ID = 0x6D716774
+"""``PRAGMA application_id`` of an mqgate message store (b"mqgt"), so that a foreign database is refused."""
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the schema below."""
+PAGE_SIZE = 1024
+"""Small pages: a commit writes whole pages to the WAL, and buffered IoT messages are small."""
+ROW_OVERHEAD = 32
+"""Bytes counted per message on top of topic, payload and properties: empty messages are bounded too."""
+
+_SCHEMA = (
+    "CREATE TABLE messages ("
+    " id INTEGER PRIMARY KEY,"
+    " stream TEXT NOT NULL,"
+    " topic TEXT NOT NULL,"
+    " payload BLOB NOT NULL,"
+    " qos INTEGER NOT NULL,"
+    " retain INTEGER NOT NULL,"
+    " properties BLOB NOT NULL,"
+    " created REAL NOT NULL,"
+    " size INTEGER NOT NULL)",
+    "CREATE INDEX messages_stream_id ON messages (stream, id)",
+)
+_INSERT = (
+    "INSERT INTO messages (id, stream, topic, payload, qos, retain, properties, created, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_PEEK = (
+    "SELECT id, topic, payload, qos, retain, properties, created FROM messages"
+    " WHERE stream = ? AND id > ? ORDER BY id LIMIT ?"
+)
+_DELETE_ONE = "DELETE FROM messages WHERE id = ? RETURNING stream, size"
+_DELETE_JSON = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING stream, size"
+_SELECT_ONE = "SELECT stream, size FROM messages WHERE id = ?"
+_DELETE_PLAIN = "DELETE FROM messages WHERE id = ?"
+_TOTALS = "SELECT stream, count(*), sum(size) FROM messages GROUP BY stream ORDER BY min(id)"
+
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+class StoreError(MqgateError):
+    """The message store cannot be opened or written; the message names the database file and the cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A pending message as :meth:`MessageStore.peek` reads it; ``properties`` are encoded v5 properties."""
+
+    id: int
+    stream: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: bytes
+    created: float
+
+
+class NewMessage(NamedTuple):
+    """A message for :meth:`MessageStore.append_many`: the arguments of :meth:`MessageStore.append`."""
+
+    stream: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+    properties: bytes = b""
+    created: float = 0.0
+
+
+def message_size(topic: str, payload: bytes, properties: bytes = b"") -> int:
+    """What a message counts against ``max_bytes``: UTF-8 topic, payload, properties, :data:`ROW_OVERHEAD`."""
+    return len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
+
+
+class MessageStore:
+    """A bounded FIFO of outgoing messages per stream, in one sqlite file (see the module docstring).
+
+    ``append`` commits and returns the message id (or ``None`` when full); ``peek`` reads a stream's oldest
+    messages in order; ``delete`` removes delivered ones. ``count``/``bytes`` answer from memory.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_con",
+        "_execute",
+        "_json",
+        "_max_bytes",
+        "_next_id",
+        "_path",
+        "_streams",
+        "_total_bytes",
+        "_total_count",
+        "rejected_full",
+    )
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int, *, verify: bool = True) -> None:
+        """Open (creating the directory and the file if needed) the store at ``path``.
+
+        ``verify`` runs ``PRAGMA quick_check`` (a read of the whole file) so that corruption is reported at
+        open rather than in the middle of a delivery. Raises :class:`StoreError` naming the path and cause.
+        """
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        self._path = Path(path)
+        self._max_bytes = max_bytes
+        self._closed = True
+        self._streams: dict[str, list[int]] = {}
+        self._total_count = 0
+        self._total_bytes = 0
+        self._next_id = 1
+        self._json = False
+        self.rejected_full = 0
+        """Appends refused because the store was full."""
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"message store {self._path}: cannot create its directory: {exc}") from exc
+        try:
+            con = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error("cannot open", exc) from exc
+        self._con = con
+        self._execute = con.execute
+        try:
+            self._open(verify)
+        except BaseException as exc:
+            con.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error("cannot open", exc) from exc
+            raise
+        self._closed = False
+
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        detail = str(exc) or type(exc).__name__
+        if "locked" in detail:
+            detail += " (is another mqgate using this buffer?)"
+        return StoreError(f"message store {self._path}: {what}: {detail}")
+
+    def _open(self, verify: bool) -> None:
+        execute = self._execute
+        execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        execute("PRAGMA locking_mode = EXCLUSIVE")
+        # the lock first (a second user of the file fails here, not on the hot path), then look before
+        # writing anything: a foreign or newer file is refused untouched
+        execute("BEGIN EXCLUSIVE")
+        try:
+            app_id = execute("PRAGMA application_id").fetchone()[0]
+            version = execute("PRAGMA user_version").fetchone()[0]
+            tables = [row[0] for row in execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        finally:
+            execute("ROLLBACK")
+        fresh = app_id == 0 and version == 0 and not tables
+        if not fresh and app_id != APPLICATION_ID:
+            raise StoreError(
+                f"message store {self._path}: not an mqgate message store "
+                f"(application_id {app_id:#x}, tables {sorted(tables)})"
+            )
+        if not fresh and version != SCHEMA_VERSION:
+            raise StoreError(
+                f"message store {self._path}: schema version {version}, this mqgate reads {SCHEMA_VERSION}"
+            )
+        mode = execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"message store {self._path}: cannot use WAL journal mode (got {mode!r})")
+        execute("PRAGMA synchronous = NORMAL")
+        if fresh:
+            execute("BEGIN EXCLUSIVE")
+            try:
+                for statement in _SCHEMA:
+                    execute(statement)
+                execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                execute("COMMIT")
+            except BaseException:
+                if self._con.in_transaction:
+                    execute("ROLLBACK")
+                raise
+        if verify:
+            problems = [row[0] for row in execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StoreError(f"message store {self._path}: corrupt: {'; '.join(map(str, problems))}")
+        for stream, count, size in execute(_TOTALS):
+            self._streams[stream] = [count, size]
+            self._total_count += count
+            self._total_bytes += size
+        self._next_id = (execute("SELECT max(id) FROM messages").fetchone()[0] or 0) + 1
+        try:
+            self._json = (
+                _HAS_RETURNING and execute("SELECT count(*) FROM json_each('[1]')").fetchone()[0] == 1
+            )
+        except sqlite3.OperationalError:
+            self._json = False
+
+    # -- writes
+
+    def append(
+        self,
+        stream: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool = False,
+        properties: bytes = b"",
+        created: float = 0.0,
+    ) -> int | None:
+        """Store one message, committed on return; its id, or ``None`` when it would exceed ``max_bytes``.
+
+        ``created`` is the caller's wall time (the store reads no clock).
+        """
+        size = len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
+        if self._total_bytes + size > self._max_bytes:
+            self.rejected_full += 1
+            return None
+        msg_id = self._next_id
+        try:
+            self._execute(
+                _INSERT, (msg_id, stream, topic, payload, qos, 1 if retain else 0, properties, created, size)
+            )
+        except sqlite3.Error as exc:
+            raise self._error("append failed", exc) from exc
+        self._next_id = msg_id + 1
+        self._total_count += 1
+        self._total_bytes += size
+        totals = self._streams.get(stream)
+        if totals is None:
+            self._streams[stream] = [1, size]
+        else:
+            totals[0] += 1
+            totals[1] += size
+        return msg_id
+
+    def append_many(self, messages: Iterable[NewMessage]) -> list[int | None]:
+        """Like :meth:`append` for each message in order, in one transaction (committed on return).
+
+        Each message is accepted if it fits after the ones accepted before it; the result holds its id or
+        ``None`` at the same position. On a :class:`StoreError` none of them is stored.
+        """
+        next_id = self._next_id
+        total = self._total_bytes
+        limit = self._max_bytes
+        rows: list[tuple[int, str, str, bytes, int, int, bytes, float, int]] = []
+        ids: list[int | None] = []
+        rejected = 0
+        for stream, topic, payload, qos, retain, properties, created in messages:
+            size = len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
+            if total + size > limit:
+                rejected += 1
+                ids.append(None)
+                continue
+            total += size
+            rows.append((next_id, stream, topic, payload, qos, 1 if retain else 0, properties, created, size))
+            ids.append(next_id)
+            next_id += 1
+        if rows:
+            try:
+                self._execute("BEGIN")
+                try:
+                    self._con.executemany(_INSERT, rows)
+                    self._execute("COMMIT")
+                except BaseException:
+                    if self._con.in_transaction:
+                        self._execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error("append failed", exc) from exc
+        self.rejected_full += rejected
+        self._next_id = next_id
+        self._total_count += len(rows)
+        self._total_bytes = total
+        streams = self._streams
+        for row in rows:
+            totals = streams.get(row[1])
+            if totals is None:
+                streams[row[1]] = [1, row[8]]
+            else:
+                totals[0] += 1
+                totals[1] += row[8]
+        return ids
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove messages by id, committed on return, in one transaction; the number actually removed.
+
+        Unknown and already-deleted ids are ignored, so deleting twice is harmless.
+        """
+        id_list = [int(i) for i in ids]
+        if not id_list:
+            return 0
+        try:
+            if not _HAS_RETURNING:
+                rows = self._delete_select(id_list)
+            elif len(id_list) == 1:
+                rows = self._execute(_DELETE_ONE, (id_list[0],)).fetchall()
+            elif self._json:
+                rows = self._execute(_DELETE_JSON, (json.dumps(id_list),)).fetchall()
+            else:
+                rows = self._delete_each(id_list)
+        except sqlite3.Error as exc:
+            raise self._error("delete failed", exc) from exc
+        streams = self._streams
+        for stream, size in rows:
+            totals = streams[stream]
+            totals[0] -= 1
+            totals[1] -= size
+            if not totals[0]:
+                del streams[stream]
+            self._total_count -= 1
+            self._total_bytes -= size
+        return len(rows)
+
+    def _delete_each(self, ids: list[int]) -> list[Any]:
+        """One ``DELETE ... RETURNING`` per id, in one transaction (when sqlite lacks json_each)."""
+        execute = self._execute
+        execute("BEGIN")
+        try:
+            rows = [row for msg_id in ids for row in execute(_DELETE_ONE, (msg_id,))]
+            execute("COMMIT")
+        except BaseException:
+            if self._con.in_transaction:
+                execute("ROLLBACK")
+            raise
+        return rows
+
+    def _delete_select(self, ids: list[int]) -> list[Any]:
+        """SELECT then DELETE per id, in one transaction (sqlite older than 3.35 has no RETURNING)."""
+        execute = self._execute
+        rows: list[Any] = []
+        execute("BEGIN")
+        try:
+            for msg_id in ids:
+                row = execute(_SELECT_ONE, (msg_id,)).fetchone()
+                if row is not None:
+                    execute(_DELETE_PLAIN, (msg_id,))
+                    rows.append(row)
+            execute("COMMIT")
+        except BaseException:
+            if self._con.in_transaction:
+                execute("ROLLBACK")
+            raise
+        return rows
+
+    # -- reads
+
+    def peek(self, stream: str, limit: int, after_id: int = 0) -> list[StoredMessage]:
+        """Up to ``limit`` of ``stream``'s pending messages with an id above ``after_id``, oldest first.
+
+        Nothing is removed: :meth:`delete` the ones delivered. ``after_id`` lets a sender with messages in
+        flight read the next ones without reading those again.
+        """
+        if limit <= 0:
+            return []
+        try:
+            rows = self._execute(_PEEK, (stream, after_id, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("read failed", exc) from exc
+        return [
+            StoredMessage(msg_id, stream, topic, payload, qos, bool(retain), properties, created)
+            for msg_id, topic, payload, qos, retain, properties, created in rows
+        ]
+
+    def streams(self) -> list[str]:
+        """The streams with pending messages (no order is promised)."""
+        return list(self._streams)
+
+    def count(self, stream: str | None = None) -> int:
+        """Pending messages, in all streams or in one."""
+        if stream is None:
+            return self._total_count
+        totals = self._streams.get(stream)
+        return totals[0] if totals is not None else 0
+
+    @property
+    def max_bytes(self) -> int:
+        """The bound on :meth:`bytes` given at open."""
+        return self._max_bytes
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the database (checkpointing the WAL into it); closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._con.close()
+            except sqlite3.Error as exc:
+                raise self._error("close failed", exc) from exc
+
+    def __enter__(self) -> MessageStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[StoredMessage]:
+        """Every pending message, stream by stream (as :meth:`streams`), in order; for tools and tests."""
+        for stream in self.streams():
+            after = 0
+            while batch := self.peek(stream, 512, after):
+                yield from batch
+                after = batch[-1].id
+
+    def __repr__(self) -> str:
+        used = f"{self._total_count} messages, {self._total_bytes}/{self._max_bytes} B"
+        return f"<MessageStore {self._path} {used}>"
+
+    def bytes(self, stream: str | None = None) -> int:  # defined last: the name shadows the builtin
+        """Bytes counted against ``max_bytes`` (see :func:`message_size`), in all streams or in one."""
+        if stream is None:
+            return self._total_bytes
+        totals = self._streams.get(stream)
+        return totals[1] if totals is not None else 0

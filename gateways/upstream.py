@@ -1,0 +1,511 @@
+"""Gateway-only edge mode: the broker interface of :mod:`gateways.base` served by an upstream MQTT broker
+(mosquitto, EMQX, a cluster) instead of the embedded one.
+
+Two modes (``upstream.mode``):
+
+- ``transparent``: one upstream MQTT connection per device session, with the device's client id (plus
+  ``clientid_prefix``), clean session, keepalive and will, so that the upstream broker publishes the will when
+  the device is lost (the gateway drops that connection without DISCONNECT).
+- ``aggregating``: one shared upstream connection for every device; deliveries are demultiplexed to devices
+  through a local topic trie of their subscriptions, and the gateway publishes wills itself.
+
+Store-and-forward: every QoS 1/2 message from a device is first committed to a bounded sqlite queue
+(:class:`core.store.MessageStore`, ``upstream.buffer_dir``, ``upstream.max_buffer_bytes``) and acknowledged to
+the device; a forwarder sends each stream upstream in order within the connection's window and deletes a
+message once the upstream broker acknowledged it. An outage, or mqgate restarting, loses nothing that was
+acknowledged; a full buffer answers new QoS 1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01, CoAP
+5.03). QoS 0 during an outage is dropped and counted.
+
+Each device keeps a local :class:`core.broker.session.Session` for deliveries (inflight window, bounded
+queue, sleep), exactly as on the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import ssl
+from collections.abc import Coroutine
+from functools import partial
+from urllib.parse import urlsplit
+
+from core.broker.metrics import BrokerMetrics
+from core.broker.session import Session
+from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
+from core.clock import Clock
+from core.config import UpstreamConfig
+from core.errors import ConfigError
+from core.mqtt.client import ClientState, MqttClient, UpstreamRefused
+from core.mqtt.codec import (
+    EMPTY_PROPERTIES,
+    Publish,
+    SubscriptionRequest,
+    WillSpec,
+    decode_publish_properties,
+    encode_properties,
+)
+from core.mqtt.numbers import ReasonCode
+from core.store import MessageStore
+from core.topics import TopicTrie, filter_matches, validate_topic
+from gateways.base import SessionRefused
+
+__all__ = ["Forwarder", "UpstreamBroker", "UpstreamSession"]
+
+log = logging.getLogger("mqgate.upstream")
+
+_PEEK = 64
+_AGGREGATE_STREAM = "*"
+
+
+def parse_url(url: str, key: str = "upstream.url") -> tuple[str, int, bool]:
+    """(host, port, tls) of ``mqtt://host[:1883]`` or ``mqtts://host[:8883]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} must be mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {url!r}") from None
+    return parts.hostname, port, tls
+
+
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
+    """The client TLS context of ``mqtts://``: CA, optional client certificate, verification."""
+    context = ssl.create_default_context(cafile=config.ca_file or None)
+    if config.cert_file:
+        context.load_cert_chain(config.cert_file, config.key_file or None)
+    if not config.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Forwarder:
+    """Sends one stream of the store upstream through one client, in order, within the client's window."""
+
+    __slots__ = ("_cursor", "_unacked", "client", "metrics", "store", "stream")
+
+    def __init__(self, store: MessageStore, stream: str, client: MqttClient, metrics: BrokerMetrics) -> None:
+        self.store = store
+        self.stream = stream
+        self.client = client
+        self.metrics = metrics
+        self._cursor = 0  # the last id handed to the client
+        self._unacked: set[int] = set()
+
+    def pump(self) -> None:
+        """Hand the client what it can take now (it calls ``on_writable`` when it can take more)."""
+        client = self.client
+        while client.connected:
+            batch = self.store.peek(self.stream, _PEEK, after_id=self._cursor)
+            if not batch:
+                return
+            for stored in batch:
+                sent = client.publish(
+                    stored.topic,
+                    stored.payload,
+                    stored.qos,
+                    stored.retain,
+                    decode_publish_properties(stored.properties),
+                    on_done=partial(self._done, stored.id),
+                )
+                if not sent:
+                    return
+                self._cursor = stored.id
+                self._unacked.add(stored.id)
+
+    def _done(self, stored_id: int, code: int | None) -> None:
+        self._unacked.discard(stored_id)
+        if code is None:  # not delivered: resend from there, in order
+            self._cursor = min(self._cursor, stored_id - 1)
+            return
+        if code >= 0x80:
+            self.metrics.dropped_too_large += 1  # refused upstream: counted and not retried
+            log.warning("upstream refused a buffered message of %s: reason 0x%02x", self.stream, code)
+        self.store.delete([stored_id])
+        self.pump()
+
+
+class UpstreamSession:
+    """A device's session in edge mode (:class:`gateways.base.SessionHandle`)."""
+
+    def __init__(
+        self,
+        broker: UpstreamBroker,
+        client: ClientInfo,
+        local: Session,
+        will: Will | None,
+        stream: str,
+        connection: MqttClient | None,
+        present: bool = False,
+    ) -> None:
+        self.broker = broker
+        self.client = client
+        self.local = local
+        self.will = will
+        self.stream = stream
+        self.connection = connection  # transparent mode: the device's own upstream connection
+        self.forwarder: Forwarder | None = None
+        self._present = present
+        self.closed = False
+
+    @property
+    def present(self) -> bool:
+        return self._present
+
+    def publish(self, message: Message) -> int:
+        if validate_topic(message.topic) is not None:
+            return ReasonCode.TOPIC_NAME_INVALID
+        message.sender = self.client.client_id
+        return self.broker.forward(self, message)
+
+    def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
+        codes = []
+        for sub in subscriptions:
+            self.local.subscriptions[sub.topic_filter] = sub
+            self.broker.subscribed(self, sub)
+            codes.append(sub.qos)
+        return codes
+
+    def unsubscribe(self, filters: list[str]) -> list[int]:
+        codes: list[int] = []
+        for topic_filter in filters:
+            if self.local.subscriptions.pop(topic_filter, None) is None:
+                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+                continue
+            self.broker.unsubscribed(self, topic_filter)
+            codes.append(0)
+        return codes
+
+    def ack(self, packet_id: int) -> None:
+        entry = self.local.inflight.get(packet_id)
+        now = self.broker.clock.now()
+        if entry is not None and entry.qos == 2:
+            self.local.pubrec(packet_id)
+            self.local.pubcomp(packet_id, now)
+        else:
+            self.local.puback(packet_id, now)
+
+    def received(self, packet_id: int) -> None:
+        self.local.pubrec(packet_id)
+
+    def set_will(self, will: Will | None) -> None:
+        self.will = will
+
+    def read_retained(self, topic: str) -> Message | None:
+        """The upstream broker's retained messages are not readable without subscribing: none here."""
+        return None
+
+    def pending(self) -> int:
+        return len(self.local.queue) + len(self.local.inflight)
+
+    def park(self) -> None:
+        self.local.parked = True
+
+    def resume(self) -> None:
+        self.local.parked = False
+        self.local.resend_inflight()
+        self.local.drain(self.broker.clock.now())
+
+    def close(self, *, publish_will: bool) -> None:
+        self.broker.closed(self, publish_will=publish_will)
+
+    def deliver(self, message: Message) -> None:
+        """A message from upstream for this device: through its local session, per matching subscription."""
+        for sub in self.local.subscriptions.values():
+            if filter_matches(sub.topic_filter, message.topic):
+                self.local.deliver(message, sub)
+                return
+
+
+class UpstreamBroker:
+    """Serves the gateways from an upstream broker; ``start``/``stop`` around the gateways' lifetime."""
+
+    def __init__(self, config: UpstreamConfig, clock: Clock, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.host, self.port, tls = parse_url(config.url)
+        self.ssl = tls_context(config) if tls else None
+        self.metrics = BrokerMetrics()
+        self.dropped_qos0_outage = 0
+        self.buffer_full = 0
+        self.store = MessageStore(os.path.join(config.buffer_dir, "buffer.sqlite3"), config.max_buffer_bytes)
+        self.sessions: dict[str, UpstreamSession] = {}
+        self._routes: TopicTrie[UpstreamSession] = TopicTrie()
+        self._refcount: dict[str, int] = {}
+        self._shared: MqttClient | None = None
+        self._shared_forwarder: Forwarder | None = None
+        self._orphans: dict[str, Forwarder] = {}  # transparent streams left from before a restart
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def name(self) -> str:
+        return f"upstream {'mqtts' if self.ssl else 'mqtt'}://{self.host}:{self.port}"
+
+    # --- lifetime
+
+    async def start(self) -> None:
+        """Aggregating: open the shared connection (in the background, with backoff) and resume the buffer."""
+        log.info(
+            "%s, %s mode, %d buffered messages (%d bytes)",
+            self.name,
+            self.config.mode,
+            self.store.count(),
+            self.store.bytes(),
+        )
+        if self.config.mode == "aggregating":
+            client_id = self.config.client_id or f"mqgate-edge-{socket.gethostname()}"
+            shared = self._shared = self._client(client_id, clean_start=True, will=None, credentials=None)
+            shared.on_message = self._route
+            forwarder = self._shared_forwarder = Forwarder(
+                self.store, _AGGREGATE_STREAM, shared, self.metrics
+            )
+            shared.on_writable = forwarder.pump
+            shared.on_connect = lambda present: self._connected(forwarder)
+            shared.start()
+        else:
+            for stream in self.store.streams():
+                self._resume_orphan(stream)
+
+    def _connected(self, forwarder: Forwarder) -> None:
+        """Unacknowledged messages came back through ``on_done(None)`` (clean session) or are resent by the
+        client itself (persistent session, §4.4): the forwarder goes on from its cursor."""
+        log.info(
+            "%s: connected; %d messages buffered", forwarder.client.name, self.store.count(forwarder.stream)
+        )
+        forwarder.pump()
+
+    def _resume_orphan(self, stream: str) -> None:
+        """A transparent device's messages buffered before a restart go out on a connection of their own
+        (with the device's client id) until the device comes back."""
+        client = self._client(stream, clean_start=True, will=None, credentials=None)
+        forwarder = Forwarder(self.store, stream, client, self.metrics)
+        client.on_writable = forwarder.pump
+        client.on_connect = lambda present: self._connected(forwarder)
+        self._orphans[stream] = forwarder
+        client.start()
+
+    async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            self.closed(session, publish_will=False)
+        clients = [f.client for f in self._orphans.values()]
+        if self._shared is not None:
+            clients.append(self._shared)
+        for session_client in clients:
+            await session_client.stop()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        self.store.close()
+
+    def _client(
+        self, client_id: str, *, clean_start: bool, will: WillSpec | None, credentials: Credentials | None
+    ) -> MqttClient:
+        config = self.config
+        username = config.username or None
+        password = config.password.encode() if config.password else None
+        if credentials is not None and config.credentials == "device":
+            username, password = credentials.username, credentials.password
+        return MqttClient(
+            host=self.host,
+            port=self.port,
+            client_id=client_id,
+            protocol_version=config.protocol_version,
+            username=username,
+            password=password if username is not None or config.protocol_version == 5 else None,
+            keepalive=config.keepalive,
+            clean_start=clean_start,
+            will=will,
+            ssl=self.ssl,
+            server_hostname=(config.server_name or self.host) if self.ssl else None,
+            max_inflight=config.max_inflight,
+            backoff_min=config.backoff_min,
+            backoff_max=config.backoff_max,
+            rng=self.rng,
+        )
+
+    # --- the Broker interface
+
+    async def authenticate(self, client: ClientInfo, credentials: Credentials) -> AuthResult:
+        """The upstream broker authenticates (transparent mode, at open_session); the gateway allows."""
+        return AuthResult(0)
+
+    async def open_session(
+        self,
+        client: ClientInfo,
+        *,
+        clean_start: bool,
+        expiry: int,
+        will: Will | None,
+        sink: DeliverySink,
+        max_inflight: int,
+        credentials: Credentials | None = None,
+    ) -> UpstreamSession:
+        """Open a device session; transparent mode connects upstream first (a refusal raises
+        :class:`SessionRefused` with the upstream's reason; an unreachable upstream is retried in the
+        background while the device publishes into the buffer)."""
+        old = self.sessions.get(client.client_id)
+        if old is not None:
+            old_sink = old.local.sink
+            self.closed(old, publish_will=True)
+            if old_sink is not None:
+                old_sink.kick(ReasonCode.SESSION_TAKEN_OVER)
+        local = Session(
+            client,
+            max_inflight=max_inflight,
+            max_queue=1000,
+            queue_qos0=True,
+            metrics=self.metrics,
+        )
+        now = self.clock.now()
+        connection = None
+        present = False
+        stream = _AGGREGATE_STREAM
+        if self.config.mode == "transparent":
+            stream = self.config.clientid_prefix + client.client_id
+            orphan = self._orphans.pop(stream, None)
+            if orphan is not None:
+                await orphan.client.stop()
+            upstream_will = (
+                WillSpec(will.topic, will.payload, will.qos, will.retain, will.properties) if will else None
+            )
+            connection = self._client(
+                stream, clean_start=clean_start, will=upstream_will, credentials=credentials
+            )
+            try:
+                connack = await connection.connect()
+                present = connack.session_present
+            except UpstreamRefused as exc:
+                log.info("upstream refused %s: %s", stream, exc)
+                raise SessionRefused(exc.reason_code) from None
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                log.info("upstream unreachable for %s (%s): buffering, reconnecting", stream, exc)
+                connection.start()
+        session = UpstreamSession(self, client, local, will, stream, connection, present)
+        local.attach(sink, max_inflight, now)
+        self.sessions[client.client_id] = session
+        if connection is not None:
+            forwarder = session.forwarder = Forwarder(self.store, stream, connection, self.metrics)
+            connection.on_writable = forwarder.pump
+            connection.on_message = lambda p: session.deliver(_message_of(p))
+            connection.on_connect = lambda present: self._connected(forwarder)
+            connection.on_disconnect = partial(self._transparent_lost, session)
+            forwarder.pump()
+        return session
+
+    def _transparent_lost(self, session: UpstreamSession, reason: str) -> None:
+        """Keep the device's upstream connection up for as long as the device is there."""
+        connection = session.connection
+        if not session.closed and connection is not None and connection.state is ClientState.DISCONNECTED:
+            asyncio.get_running_loop().call_soon(self._restart, session)
+
+    def _restart(self, session: UpstreamSession) -> None:
+        connection = session.connection
+        if session.closed or connection is None:
+            return
+        with contextlib.suppress(RuntimeError):  # already reconnecting
+            connection.start()
+
+    # --- messages
+
+    def forward(self, session: UpstreamSession, message: Message) -> int:
+        """Send a device's message upstream: QoS 0 now or never, QoS 1/2 through the buffer."""
+        self.metrics.messages_received += 1
+        client = session.connection or self._shared
+        if message.qos == 0:
+            if client is None or not client.publish(
+                message.topic, message.payload, 0, message.retain, message.properties
+            ):
+                self.dropped_qos0_outage += 1
+            return 0
+        stored = self.store.append(
+            session.stream,
+            message.topic,
+            message.payload,
+            message.qos,
+            message.retain,
+            encode_properties(message.properties) if message.properties is not EMPTY_PROPERTIES else b"",
+            self.clock.wall(),
+        )
+        if stored is None:
+            self.buffer_full += 1
+            log.warning(
+                "upstream buffer full (%d bytes): refusing a QoS %d publish of %s",
+                self.store.bytes(),
+                message.qos,
+                session.client.client_id,
+            )
+            return ReasonCode.QUOTA_EXCEEDED
+        forwarder = session.forwarder or self._shared_forwarder
+        if forwarder is not None:
+            forwarder.pump()
+        return 0
+
+    def _route(self, publish: Publish) -> None:
+        """Aggregating: a message from the shared connection goes to every device whose filter matches."""
+        message = _message_of(publish)
+        seen: set[int] = set()
+        for values in self._routes.match(publish.topic):
+            for session in values.values():
+                if id(session) not in seen:
+                    seen.add(id(session))
+                    session.deliver(message)
+
+    def subscribed(self, session: UpstreamSession, sub: Subscription) -> None:
+        if session.connection is not None:
+            session.connection.subscribe([SubscriptionRequest(sub.topic_filter, sub.qos)])
+            return
+        self._routes.add(sub.topic_filter, session.client.client_id, session)
+        count = self._refcount.get(sub.topic_filter, 0)
+        self._refcount[sub.topic_filter] = count + 1
+        if not count and self._shared is not None:
+            self._shared.subscribe([SubscriptionRequest(sub.topic_filter, 2)])
+
+    def unsubscribed(self, session: UpstreamSession, topic_filter: str) -> None:
+        if session.connection is not None:
+            session.connection.unsubscribe([topic_filter])
+            return
+        self._routes.remove(topic_filter, session.client.client_id)
+        count = self._refcount.get(topic_filter, 0) - 1
+        if count > 0:
+            self._refcount[topic_filter] = count
+            return
+        self._refcount.pop(topic_filter, None)
+        if self._shared is not None:
+            self._shared.unsubscribe([topic_filter])
+
+    def closed(self, session: UpstreamSession, *, publish_will: bool) -> None:
+        """The device is gone: normally, or lost (its will goes out)."""
+        if session.closed:
+            return
+        session.closed = True
+        if self.sessions.get(session.client.client_id) is session:
+            del self.sessions[session.client.client_id]
+        session.local.detach()
+        for topic_filter in list(session.local.subscriptions):
+            if session.connection is None:
+                self.unsubscribed(session, topic_filter)
+        connection = session.connection
+        if connection is not None:
+            # transparent: dropping the connection without DISCONNECT makes the upstream publish the will
+            self._spawn(connection.stop(disconnect=not publish_will))
+            if self.store.count(session.stream):
+                self._resume_orphan(session.stream)
+        elif publish_will and session.will is not None:
+            will = session.will
+            self.forward(
+                session, Message(will.topic, will.payload, will.qos, will.retain, "", will.properties)
+            )
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+def _message_of(publish: Publish) -> Message:
+    return Message(publish.topic, publish.payload, publish.qos, publish.retain, "", publish.properties)
