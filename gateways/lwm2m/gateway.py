@@ -400,6 +400,7 @@ class LwM2mGateway:
                 if observed.path == command.path:
                     del device.observations[token]
                     self.endpoint.cancel(device.peer, token)
+                    message.token = token  # deregister with the observation's own token (RFC 7641 §3.6)
         self.endpoint.request(device.peer, message, (device, command), now)
 
     def _uplink(self, device: Device, now: float) -> None:
@@ -420,6 +421,8 @@ class LwM2mGateway:
         self._uplink(device, now)
         response = event.message
         if command.msg_type == "observe" and command.answered:
+            if response.observe() is None or response.code >= 128:  # the device ended it (RFC 7641 §3.2)
+                device.observations.pop(command.request.token, None)
             self.count("notifications")
             self._publish(device, self.config.topic_notify, notify_message(command, response, self.types))
             return
