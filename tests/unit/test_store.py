@@ -287,6 +287,23 @@ def test_messages_totals_and_order_survive_close_and_reopen(db: Path) -> None:
         assert put(store, "dev-0") > newest
 
 
+def test_with_autocheckpoint_off_the_wal_grows_until_checkpoint_and_nothing_is_lost(db: Path) -> None:
+    wal = Path(f"{db}-wal")
+    with MessageStore(db, BIG, autocheckpoint=0) as store:
+        ids = store.append_many([NewMessage("s", f"t/{i}", bytes(100), 1) for i in range(50)])
+        for i in range(50):
+            put(store, "s", f"u/{i}")
+        grown = wal.stat().st_size
+        assert grown > 50 * store_module.PAGE_SIZE
+        store.checkpoint()
+        assert wal.stat().st_size == 0
+        store.delete([i for i in ids[:10] if i is not None])
+        assert store.count() == 90
+    with MessageStore(db, BIG) as reopened:
+        assert reopened.count() == 90
+        assert _ids(reopened.peek("s", 1)) == [ids[10]]
+
+
 CHILD = """
 import sys
 from core.store import MessageStore
