@@ -1,0 +1,721 @@
+"""LwM2M gateway benchmark: registrations/s, read commands/s end to end and resident memory per device.
+
+For every number of devices N, a fresh mqgate (pinned to one core) gets N simulated LwM2M devices, each on its
+own non-blocking UDP socket, and one raw-socket MQTT client, all multiplexed on one epoll in this process
+(pinned to another core). CoAP is encoded by hand (``struct``, not the gateway's codec).
+
+1. registrations/s: every device sends CON POST /rd?ep=dev{i}&lt=3600&lwm2m=1.1&b=U with ``</3/0>,</3303/0>``,
+   at most ``REG_WINDOW`` unanswered at a time, until all got 2.01 Created;
+2. read commands/s: the MQTT client subscribes to ``lwm2m/+/up/resp`` and publishes
+   ``{"reqID": n, "msgType": "read", "data": {"path": "/3303/0/5700"}}`` to ``lwm2m/dev{i}/dn``
+   round-robin over the devices, W commands outstanding; each device answers the gateway's CON GET with a
+   piggybacked ACK 2.05 text/plain ``21.5``; responses on up/resp are counted, with the latency from
+   publish to response;
+3. mqgate's resident memory before and after registering the N devices: bytes per registered device.
+
+It prints two tables and one JSON line with every figure. See bench/README.md.
+
+    python bench/lwm2m.py [--quick] [--devices 1,10000] [--windows 1,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BUSY_OTHER_PCT,
+    HOST,
+    START_TIMEOUT_S,
+    Pinning,
+    StartError,
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    mqgate_config,
+    rss_bytes,
+    running,
+    sections_to_disable,
+    socket_drops,
+    tail,
+)
+from _loadgen import LoadError, connect, percentile_ms, remaining_length, subscribe
+
+DEVICES = (1, 10_000)
+WINDOWS = (1, 64)
+COUNT, QUICK_COUNT = 20_000, 2_000
+"""Read commands per (devices, window) cell."""
+RUN_S, QUICK_RUN_S = 5.0, 1.0
+"""Publishing commands stops after this long even if the count is not reached."""
+DRAIN_S = 5.0
+"""Longest wait for the last responses once publishing has stopped."""
+REG_WINDOW = 64
+"""Unanswered registrations at a time."""
+RETRY_S = 2.0
+"""An unanswered registration is sent again (same message id) after this long (CoAP's ACK_TIMEOUT)."""
+SETUP_TIMEOUT_S = 120.0
+"""Longest time for registering every device."""
+SPARE_FILES = 100
+LIFETIME_S = 3600
+LIFETIME_GRACE_S = 1_000_000
+LATENCY_SAMPLES = 200_000
+RESPONSE_FILTER = "lwm2m/+/up/resp"
+READ_PATH = "/3303/0/5700"
+VALUE = b"21.5"
+
+# CoAP (RFC 7252 §3): version 1 in the two top bits, then the type, then the token length
+_CON, _ACK, _RST = 0, 2, 3
+_POST, _GET, _CREATED, _CONTENT = 0x02, 0x01, 0x41, 0x45
+_URI_PATH, _CONTENT_FORMAT, _URI_QUERY = 11, 12, 15
+_LINK_FORMAT = 40
+_HEADER = struct.Struct(">BBH")
+_LINKS = b"</3/0>,</3303/0>"
+_now_ns = time.monotonic_ns
+
+
+def _option(delta: int, value: bytes) -> bytes:
+    """One option: delta and length nibbles with their 1- or 2-byte extensions (§3.1)."""
+    out = bytearray(1)
+    nibbles = []
+    for n in (delta, len(value)):
+        if n < 13:
+            nibbles.append(n)
+        elif n < 269:
+            nibbles.append(13)
+            out.append(n - 13)
+        else:
+            nibbles.append(14)
+            out += struct.pack(">H", n - 269)
+    out[0] = nibbles[0] << 4 | nibbles[1]
+    return bytes(out) + value
+
+
+def register_datagram(i: int, mid: int) -> bytes:
+    """CON POST /rd?ep=dev{i}&lt=..&lwm2m=1.1&b=U, link-format payload, 4-byte token (LwM2M 1.1 §6.2.1)."""
+    out = _HEADER.pack(0x40 | _CON << 4 | 4, _POST, mid) + struct.pack(">I", i)
+    out += _option(_URI_PATH, b"rd") + _option(_CONTENT_FORMAT - _URI_PATH, bytes((_LINK_FORMAT,)))
+    delta = _URI_QUERY - _CONTENT_FORMAT
+    for query in (f"ep=dev{i}", f"lt={LIFETIME_S}", "lwm2m=1.1", "b=U"):
+        out += _option(delta, query.encode())
+        delta = 0
+    return out + b"\xff" + _LINKS
+
+
+def content_ack(request: bytes) -> bytes:
+    """The piggybacked ACK 2.05 text/plain ``VALUE`` to a CON request: same message id and token (§5.2.1)."""
+    tkl = request[0] & 0x0F
+    return bytes((0x40 | _ACK << 4 | tkl, _CONTENT)) + request[2 : 4 + tkl] + b"\xc0\xff" + VALUE
+
+
+def _ping() -> bytes:
+    """An empty CON: a CoAP ping, answered with RST (§4.3)."""
+    return _HEADER.pack(0x40 | _CON << 4, 0, 0x1234)
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | 0x80 if n else digit)
+        if not n:
+            return bytes(out)
+
+
+# ---------------------------------------------------------------- the devices and the application
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """What registering every device saw."""
+
+    devices: int
+    seconds: float
+    per_s: float
+    resent: int
+    """Registrations sent again after ``RETRY_S`` without an answer."""
+    gateway_cpu_s: float
+    load_cpu_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Commanded:
+    """What one read-command run saw; latencies in ms."""
+
+    window: int
+    sent: int
+    responses: int
+    """Answers on up/resp with code 2.05 and the device's value."""
+    errors: int
+    """Answers on up/resp with another code or content (a timeout is 5.04)."""
+    unanswered: int
+    gets: int
+    """CON GETs the devices answered (more than ``sent`` when the gateway retransmitted)."""
+    seconds: float
+    """From the first publish to the last response."""
+    per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    gateway_cpu_s: float
+    load_cpu_s: float
+    cpus_busy_s: float | None
+    socket_drops: int | None
+
+
+class Devices:
+    """N LwM2M devices, each a non-blocking UDP socket connected to the gateway, on one epoll."""
+
+    def __init__(self, n: int, port: int) -> None:
+        self.socks: list[socket.socket] = []
+        self.poller = select.epoll()
+        self.device_of: dict[int, int] = {}
+        self.gets = 0
+        try:
+            for i in range(n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.socks.append(sock)
+                sock.setblocking(False)
+                sock.connect((HOST, port))
+                self.poller.register(sock.fileno(), select.EPOLLIN)
+                self.device_of[sock.fileno()] = i
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.poller.close()
+        for sock in self.socks:
+            sock.close()
+
+    def _datagrams(self, i: int) -> list[bytes]:
+        """Every datagram waiting at device i; CON GETs are answered here and left out."""
+        sock, out = self.socks[i], list[bytes]()
+        while True:
+            try:
+                data = sock.recv(2048)
+            except BlockingIOError:
+                return out
+            except ConnectionRefusedError:
+                continue  # an ICMP error for an earlier send
+            if len(data) >= 4 and data[0] >> 4 & 3 == _CON and data[1] == _GET:
+                sock.send(content_ack(data))
+                self.gets += 1
+            else:
+                out.append(data)
+
+    def register(self) -> tuple[float, int]:
+        """Registers every device, ``REG_WINDOW`` unanswered at a time; returns (seconds, resent)."""
+        n = len(self.socks)
+        requests = [register_datagram(i, (i + 1) & 0xFFFF) for i in range(n)]
+        waiting: dict[int, int] = {}  # device -> when its request was last sent (ns), oldest first
+        following = iter(range(n))
+        done = resent = 0
+        start = _now_ns()
+        deadline = start + int(SETUP_TIMEOUT_S * 1e9)
+        retry_ns = int(RETRY_S * 1e9)
+        while done < n:
+            t = _now_ns()
+            if t > deadline:
+                raise LoadError(f"{n - done} of {n} devices not registered after {SETUP_TIMEOUT_S:.0f} s")
+            while len(waiting) < REG_WINDOW:
+                i = next(following, -1)
+                if i < 0:
+                    break
+                self.socks[i].send(requests[i])
+                waiting[i] = t
+            expired = []
+            for i, sent_at in waiting.items():
+                if t - sent_at <= retry_ns:
+                    break
+                expired.append(i)
+            for i in expired:
+                del waiting[i]
+                self.socks[i].send(requests[i])
+                waiting[i] = t
+                resent += 1
+            for fd, _ in self.poller.poll(0.05):
+                i = self.device_of[fd]
+                for data in self._datagrams(i):
+                    if len(data) < 4 or data[1] == 0:
+                        continue  # an empty ACK: the response comes separately
+                    mtype = data[0] >> 4 & 3
+                    if mtype == _CON:
+                        self.socks[i].send(_HEADER.pack(0x40 | _ACK << 4, 0, data[2] << 8 | data[3]))
+                    if data[1] != _CREATED:
+                        raise LoadError(
+                            f"device {i}: registration answered {data[1] >> 5}.{data[1] & 31:02d}"
+                        )
+                    if waiting.pop(i, None) is not None:
+                        done += 1
+        return (_now_ns() - start) / 1e9, resent
+
+    def command(
+        self, mqtt: socket.socket, window: int, count: int, seconds: float
+    ) -> tuple[int, int, int, int, int, float | None, float | None]:
+        """Publishes read commands round-robin over the devices, ``window`` unanswered at a time, until
+        ``count`` were sent or ``seconds`` passed, then waits at most ``DRAIN_S`` for the rest.
+
+        Returns (sent, good responses, other responses, start ns, last response ns, p50 ms, p99 ms)."""
+        n = len(self.socks)
+        topics = [_utf8(f"lwm2m/dev{i}/dn") for i in range(n)]
+        mqtt_fd = mqtt.fileno()
+        self.poller.register(mqtt_fd, select.EPOLLIN)
+        sent_at: dict[int, int] = {}
+        every = max(1, count // LATENCY_SAMPLES)
+        latencies = array("q")
+        sent = good = bad = 0
+        buf = bytearray()
+        poll, device_of = self.poller.poll, self.device_of
+        start = last = t = _now_ns()
+        stop, drain_until = start + int(seconds * 1e9), 0
+        try:
+            while True:
+                if not drain_until:
+                    if sent < count and t < stop:
+                        out = bytearray()
+                        while len(sent_at) < window and sent < count:
+                            payload = b'{"reqID":%d,"msgType":"read","data":{"path":"%s"}}' % (
+                                sent,
+                                READ_PATH.encode(),
+                            )
+                            topic = topics[sent % n]
+                            out += b"\x30" + _varint(len(topic) + len(payload)) + topic + payload
+                            sent_at[sent] = t
+                            sent += 1
+                        if out:
+                            _send(mqtt, out)
+                    else:
+                        drain_until = t + int(DRAIN_S * 1e9)
+                if drain_until and (not sent_at or t > drain_until):
+                    break
+                events = poll(0.01)
+                t = _now_ns()
+                for fd, _ in events:
+                    if fd != mqtt_fd:
+                        self._datagrams(device_of[fd])
+                        continue
+                    data = mqtt.recv(1 << 18)
+                    if not data:
+                        raise LoadError("the broker closed the MQTT connection")
+                    t = _now_ns()
+                    buf += data
+                    pos, end = 0, len(buf)
+                    while end - pos >= 2:
+                        first, length, body_at = buf[pos], buf[pos + 1], pos + 2
+                        if length & 0x80:
+                            decoded = remaining_length(buf, pos + 1)
+                            if decoded is None:
+                                break
+                            length, body_at = decoded
+                        if body_at + length > end:
+                            break
+                        if first >> 4 == 3:
+                            at = body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1])
+                            if first & 0x06:
+                                at += 2
+                            answer = json.loads(buf[at : body_at + length])
+                            sent_ns = sent_at.pop(answer.get("reqID"), None)
+                            if sent_ns is not None:
+                                data_field = answer.get("data") or {}
+                                content = data_field.get("content") or [{}]
+                                if data_field.get("code") == "2.05" and content[0].get("value") == float(
+                                    VALUE
+                                ):
+                                    good += 1
+                                else:
+                                    bad += 1
+                                if (good + bad) % every == 0:
+                                    latencies.append(t - sent_ns)
+                                last = t
+                        pos = body_at + length
+                    del buf[:pos]
+        finally:
+            self.poller.unregister(mqtt_fd)
+        ordered = sorted(latencies)
+        return sent, good, bad, start, last, percentile_ms(ordered, 50), percentile_ms(ordered, 99)
+
+
+def _send(sock: socket.socket, data: bytes | bytearray) -> None:
+    """``sendall`` for a non-blocking socket, waiting at most 10 s for buffer space."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            if not select.select([], [sock], [], 10.0)[1]:
+                raise LoadError("the broker stopped reading the MQTT connection") from None
+
+
+# ---------------------------------------------------------------- one run per number of devices
+
+
+@dataclass(slots=True)
+class Run:
+    """One fresh mqgate with N devices, filled in as it goes."""
+
+    devices: int
+    error: str | None = None
+    registered: Registered | None = None
+    commanded: list[Commanded] = field(default_factory=list)
+    rss_before: int | None = None
+    rss_registered: int | None = None
+    rss_end: int | None = None
+    log_lines: int = 0
+    log_tail: str = ""
+
+    @property
+    def rss_per_device(self) -> float | None:
+        if self.rss_before is None or self.rss_registered is None:
+            return None
+        return (self.rss_registered - self.rss_before) / self.devices
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "devices": self.devices,
+            "error": self.error,
+            "registered": None if self.registered is None else asdict(self.registered),
+            "commands": [asdict(c) for c in self.commanded],
+            "rss_before": self.rss_before,
+            "rss_registered": self.rss_registered,
+            "rss_end": self.rss_end,
+            "rss_per_device_bytes": self.rss_per_device,
+            "log_lines": self.log_lines,
+            "log_tail": self.log_tail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    count: int
+    seconds: float
+    windows: tuple[int, ...]
+
+
+def _write_config(path: Path, tcp_port: int, udp_port: int, disabled: list[str]) -> None:
+    path.write_text(
+        f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
+        f'[gateways.lwm2m]\nbind = "{HOST}:{udp_port}"\nlifetime_grace = {LIFETIME_GRACE_S}\n\n'
+        + "".join(f"[{name}]\nenabled = false\n\n" for name in disabled)
+        + '[log]\nlevel = "warning"\n'
+    )
+
+
+def _wait_gateway(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Returns once the gateway answers a CoAP ping with RST."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((HOST, port))
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline and proc.poll() is None:
+            sock.send(_ping())
+            try:
+                data = sock.recv(256)
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+            if data and data[0] >> 4 & 3 == _RST:
+                return
+    raise StartError(f"the LwM2M gateway did not answer a CoAP ping on udp port {port}")
+
+
+def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled: list[str]) -> None:
+    """Runs every step for ``run.devices`` on a fresh mqgate; raises StartError if mqgate does not start."""
+    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if run.devices + SPARE_FILES > open_files:
+        run.error = f"{run.devices:,} devices need as many sockets: the open files limit is {open_files:,}"
+        return
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    config = workdir / f"mqgate-{run.devices}.toml"
+    log = config.with_suffix(".log")
+    _write_config(config, tcp_port, udp_port, disabled)
+    argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
+    cpus = pinning.cpus
+    devices: Devices | None = None
+    mqtt: socket.socket | None = None
+    try:
+        with running(argv, log, tcp_port, pinning.broker) as proc:
+            pid = proc.pid
+            _wait_gateway(udp_port, proc)
+            mqtt, reader = connect(tcp_port, f"bench-lwm2m-{os.getpid()}")
+            subscribe(mqtt, reader, [RESPONSE_FILTER], 0)
+            mqtt.setblocking(False)
+            devices = Devices(run.devices, udp_port)
+            run.rss_before = rss_bytes(pid)
+            cpu0, load0 = cpu_seconds(pid), time.process_time()
+            reg_s, resent = devices.register()
+            run.registered = Registered(
+                run.devices,
+                reg_s,
+                run.devices / reg_s if reg_s > 0 else 0.0,
+                resent,
+                cpu_seconds(pid) - cpu0,
+                time.process_time() - load0,
+            )
+            run.rss_registered = rss_bytes(pid)
+            for window in settings.windows:
+                drops0 = socket_drops(udp_port)
+                cpu0, load0 = cpu_seconds(pid), time.process_time()
+                busy0 = busy_seconds(cpus) if cpus else None
+                gets0 = devices.gets
+                sent, good, bad, start, last, p50, p99 = devices.command(
+                    mqtt, window, settings.count, settings.seconds
+                )
+                seconds = (last - start) / 1e9 if good + bad else 0.0
+                drops1 = socket_drops(udp_port)
+                run.commanded.append(
+                    Commanded(
+                        window,
+                        sent,
+                        good,
+                        bad,
+                        sent - good - bad,
+                        devices.gets - gets0,
+                        seconds,
+                        good / seconds if seconds > 0 else 0.0,
+                        p50,
+                        p99,
+                        cpu_seconds(pid) - cpu0,
+                        time.process_time() - load0,
+                        None if busy0 is None or not cpus else busy_seconds(cpus) - busy0,
+                        None if drops0 is None or drops1 is None else drops1 - drops0,
+                    )
+                )
+                _print_commanded(run.devices, run.commanded[-1])
+            if proc.poll() is not None:
+                raise LoadError(f"mqgate exited with code {proc.returncode} during the run")
+            run.rss_end = rss_bytes(pid)
+    except (LoadError, OSError) as exc:
+        run.error = str(exc) or repr(exc)
+    finally:
+        if devices is not None:
+            devices.close()
+        if mqtt is not None:
+            mqtt.close()
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        run.log_lines, run.log_tail = len(lines), tail("\n".join(lines), 10)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+def _pct(part: float, whole: float) -> float | None:
+    return 100 * part / whole if whole else None
+
+
+def _table(columns: Sequence[tuple[str, int]], rows: list[list[str]]) -> None:
+    print("  ".join(header.rjust(width) for header, width in columns))
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, (_, width) in zip(row, columns, strict=False)))
+
+
+def _print_commanded(devices: int, c: Commanded) -> None:
+    print(
+        f"devices={devices} window={c.window}: {c.responses:,}/{c.sent:,} answered in {c.seconds:.2f} s "
+        f"= {c.per_s:,.0f} reads/s",
+        flush=True,
+    )
+
+
+def _print_tables(runs: list[Run]) -> None:
+    print()
+    print("registration (CON POST /rd, 2.01 Created)")
+    rows = []
+    for run in runs:
+        r = run.registered
+        if r is None:
+            rows.append([f"{run.devices:,}", f"failed: {run.error}"])
+            continue
+        rows.append(
+            [
+                f"{run.devices:,}",
+                f"{r.per_s:,.0f}",
+                f"{r.seconds:.2f}",
+                f"{r.resent:,}",
+                _fmt(r.gateway_cpu_s * 1e6 / run.devices, ",.0f"),
+                _fmt(_pct(r.gateway_cpu_s, r.seconds), ".0f", "%"),
+                _fmt(_pct(r.load_cpu_s, r.seconds), ".0f", "%"),
+                _fmt(None if run.rss_before is None else run.rss_before / 2**20, ".1f"),
+                _fmt(None if run.rss_registered is None else run.rss_registered / 2**20, ".1f"),
+                _fmt(run.rss_per_device, ",.0f"),
+            ]
+        )
+    _table(
+        (
+            ("devices", 7),
+            ("regs/s", 7),
+            ("seconds", 7),
+            ("resent", 6),
+            ("cpu us/reg", 10),
+            ("mqgate cpu", 10),
+            ("load cpu", 8),
+            ("rss0 MiB", 8),
+            ("rss1 MiB", 8),
+            ("B/device", 8),
+        ),
+        rows,
+    )
+    print()
+    print(f"read commands ({READ_PATH}): MQTT publish -> CON GET -> ACK 2.05 -> up/resp")
+    rows, flagged = [], False
+    for run in runs:
+        for c in run.commanded:
+            other = (
+                None
+                if c.cpus_busy_s is None
+                else _pct(c.cpus_busy_s - c.gateway_cpu_s - c.load_cpu_s, c.seconds)
+            )
+            busy = (other or 0.0) > BUSY_OTHER_PCT
+            flagged |= busy
+            rows.append(
+                [
+                    f"{run.devices:,}",
+                    str(c.window),
+                    f"{c.per_s:,.0f}",
+                    _fmt(c.p50_ms, ".2f"),
+                    _fmt(c.p99_ms, ".2f"),
+                    f"{c.responses:,}",
+                    f"{c.errors:,}",
+                    f"{c.unanswered:,}",
+                    f"{c.gets - c.sent:,}",
+                    _fmt(c.socket_drops, ",d"),
+                    _fmt(c.gateway_cpu_s * 1e6 / c.responses if c.responses else None, ".0f"),
+                    _fmt(_pct(c.gateway_cpu_s, c.seconds), ".0f", "%"),
+                    _fmt(_pct(c.load_cpu_s, c.seconds), ".0f", "%"),
+                    _fmt(other, ".0f", "%") + ("!" if busy else ""),
+                ]
+            )
+        if run.error and run.registered is not None:
+            rows.append([f"{run.devices:,}", "-", f"failed: {run.error}"])
+    _table(
+        (
+            ("devices", 7),
+            ("window", 6),
+            ("reads/s", 7),
+            ("p50 ms", 7),
+            ("p99 ms", 7),
+            ("answered", 8),
+            ("errors", 6),
+            ("lost", 5),
+            ("resent", 6),
+            ("drops", 5),
+            ("cpu us/read", 11),
+            ("mqgate cpu", 10),
+            ("load cpu", 8),
+            ("other cpu", 9),
+        ),
+        rows,
+    )
+    if flagged:
+        print(
+            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
+            "its reads/s and latencies are not comparable, cpu us/read suffers least"
+        )
+
+
+# ---------------------------------------------------------------- main
+
+
+def _numbers(value: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in value.split(",") if n.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers (got {value!r})")
+    return numbers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_COUNT:,} commands or {QUICK_RUN_S:.0f} s per cell"
+    )
+    parser.add_argument(
+        "--devices", type=_numbers, default=list(DEVICES), help="comma-separated, default 1,10000"
+    )
+    parser.add_argument(
+        "--windows", type=_numbers, default=list(WINDOWS), help="comma-separated, default 1,64"
+    )
+    args = parser.parse_args()
+    settings = Settings(
+        QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, tuple(args.windows)
+    )
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pinning = Pinning.split()
+    if pinning.load and pinning.broker:
+        os.sched_setaffinity(0, pinning.load)
+        print(f"load generator on cpu {sorted(pinning.load)}, mqgate on cpu {sorted(pinning.broker)}")
+    else:
+        print(
+            "one cpu only: mqgate and the load generator share it (figures are not comparable to 2-cpu runs)"
+        )
+
+    runs = [Run(n) for n in args.devices]
+    try:
+        disabled = sections_to_disable(mqgate_config(), ("listeners.tcp", "gateways.lwm2m"))
+        with tempfile.TemporaryDirectory(prefix="mqgate-bench-lwm2m-") as tmp:
+            for run in runs:
+                _run(run, settings, Path(tmp), pinning, disabled)
+                _print_progress(run)
+    except StartError as exc:
+        sys.exit(f"mqgate: failed to start: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+    _print_tables(runs)
+    print(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "cpus": {"load": sorted(pinning.load or ()), "mqgate": sorted(pinning.broker or ())},
+                "count": settings.count,
+                "seconds": settings.seconds,
+                "registration_window": REG_WINDOW,
+                "results": [run.figures() for run in runs],
+            }
+        ),
+        flush=True,
+    )
+
+
+def _print_progress(run: Run) -> None:
+    r = run.registered
+    if r is not None:
+        print(
+            f"devices={run.devices}: registered in {r.seconds:.2f} s = {r.per_s:,.0f}/s; "
+            f"{_fmt(run.rss_per_device, ',.0f')} B of RSS per device",
+            flush=True,
+        )
+    if run.error:
+        print(f"devices={run.devices}: failed: {run.error}", flush=True)
+    if run.log_lines or (run.error and run.log_tail):
+        print(f"  mqgate log, {run.log_lines} lines, ends: {run.log_tail}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
