@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -32,6 +32,7 @@ from core.mqtt.codec import EMPTY_PROPERTIES, Properties
 from core.topics import filter_matches, validate_filter, validate_topic
 from gateways.base import SessionHandle
 from gateways.coap import codec
+from gateways.coap.application import CoapApplication
 from gateways.coap.codec import CoapMessage
 from gateways.coap.exchange import (
     Acknowledged,
@@ -165,52 +166,26 @@ class CoapClient:
             gateway.on_output()
 
 
-class CoapGateway:
+class CoapGateway(CoapApplication[SessionRequest]):
     """Every CoAP client of one socket."""
 
     def __init__(self, config: CoapConfig, clock: Clock, endpoint: CoapEndpoint | None = None) -> None:
-        self.config = config
-        self.clock = clock
-        self.endpoint = endpoint or CoapEndpoint(
+        endpoint = endpoint or CoapEndpoint(
             Timing(),
             max_dedup_entries=config.max_dedup_entries,
             max_dedup_bytes=config.max_dedup_bytes,
             exchange_lifetime=config.exchange_lifetime,
         )
+        super().__init__(endpoint, clock.now(), config.heartbeat / 2)
+        self.config = config
+        self.clock = clock
         self.clients: dict[str, CoapClient] = {}
-        self.counters: dict[str, int] = {}
-        self.on_output: Callable[[], None] | None = None
-        self._session_requests: list[SessionRequest] = []
         self._uploads: dict[tuple[Hashable, str], _Upload] = {}
-        self._next_sweep = clock.now() + config.heartbeat / 2
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
-    # --- adapter interface
-
-    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
-        return self.endpoint.datagrams_to_send()
-
-    def take_session_requests(self) -> list[SessionRequest]:
-        requests, self._session_requests = self._session_requests, []
-        return requests
-
-    def get_timer(self) -> float | None:
-        endpoint = self.endpoint.get_timer()
-        return self._next_sweep if endpoint is None else min(endpoint, self._next_sweep)
-
-    def handle_timer(self, now: float) -> None:
-        for event in self.endpoint.handle_timer(now):
-            self._handle_event(event, now)
-        if now >= self._next_sweep:
-            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Every half heartbeat: close connections silent for 1.5 heartbeats (their will is published), and
         forget connectionless clients that observe nothing and were idle as long (EMQX's check_alive)."""
         limit = self.config.heartbeat * 1.5
-        self._next_sweep = now + self.config.heartbeat / 2
         for client in [c for c in self.clients.values() if c.last_seen + limit <= now]:
             if client.token:
                 self.end_client(client, "no heartbeat", publish_will=True)
@@ -218,11 +193,6 @@ class CoapGateway:
                 self.end_client(client, "idle", publish_will=False)
         for key in [k for k, u in self._uploads.items() if u.expires_at <= now]:
             del self._uploads[key]
-
-    def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
-        event = self.endpoint.receive_datagram(data, peer, now)
-        if event is not None:
-            self._handle_event(event, now)
 
     def _handle_event(self, event: Event, now: float) -> None:
         if isinstance(event, RequestReceived):

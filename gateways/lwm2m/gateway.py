@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from core.config import LwM2mConfig
 from core.errors import MalformedPacket
 from core.topics import validate_topic
 from gateways.base import SessionHandle
+from gateways.coap.application import CoapApplication
 from gateways.coap.codec import CoapMessage
 from gateways.coap.exchange import (
     Acknowledged,
@@ -120,49 +121,23 @@ class Device:
         self.gateway.end_device(self, "its client id was taken over", publish=False, detached=True)
 
 
-class LwM2mGateway:
+class LwM2mGateway(CoapApplication[SessionRequest]):
     """Every LwM2M device of one socket."""
 
     def __init__(self, config: LwM2mConfig, clock: Clock, types: TypeLookup) -> None:
-        self.config = config
-        self.clock = clock
-        self.types = types
-        self.endpoint = CoapEndpoint(
+        endpoint = CoapEndpoint(
             Timing(),
             max_dedup_entries=config.max_dedup_entries,
             max_dedup_bytes=config.max_dedup_bytes,
             exchange_lifetime=config.exchange_lifetime,
             request_timeout=config.request_timeout,
         )
+        super().__init__(endpoint, clock.now(), _SWEEP_SECONDS)
+        self.config = config
+        self.clock = clock
+        self.types = types
         self.devices: dict[str, Device] = {}
         self.by_location: dict[str, Device] = {}
-        self.counters: dict[str, int] = {}
-        self.on_output: Callable[[], None] | None = None
-        self._session_requests: list[SessionRequest] = []
-        self._next_sweep = clock.now() + _SWEEP_SECONDS
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
-    # --- adapter interface
-
-    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
-        return self.endpoint.datagrams_to_send()
-
-    def take_session_requests(self) -> list[SessionRequest]:
-        requests, self._session_requests = self._session_requests, []
-        return requests
-
-    def get_timer(self) -> float | None:
-        endpoint = self.endpoint.get_timer()
-        return self._next_sweep if endpoint is None else min(endpoint, self._next_sweep)
-
-    def handle_timer(self, now: float) -> None:
-        for event in self.endpoint.handle_timer(now):
-            self._handle_event(event, now)
-        if now >= self._next_sweep:
-            self._next_sweep = now + _SWEEP_SECONDS
-            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Expire registrations past their lifetime (§6.2.1) and queued commands past their time-to-live."""
@@ -173,11 +148,6 @@ class LwM2mGateway:
                 command, _ = device.queued.popleft()
                 self.count("commands_expired")
                 self._publish(device, self.config.topic_response, timeout_response(command))
-
-    def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
-        event = self.endpoint.receive_datagram(data, peer, now)
-        if event is not None:
-            self._handle_event(event, now)
 
     def _handle_event(self, event: Event, now: float) -> None:
         if isinstance(event, RequestReceived):
