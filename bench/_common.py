@@ -8,10 +8,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -71,10 +74,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running(
-    argv: list[str], log: Path, port: int, cpus: set[int] | None
+    argv: list[str],
+    log: Path,
+    port: int | None,
+    cpus: set[int] | None,
+    ready: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Starts ``argv`` in the repository with its output in ``log``, yields the process once it accepts TCP
-    connections on ``port`` (pinned to ``cpus`` from then on); always stops and reaps it."""
+    connections on ``port`` (unless None) and ``ready(proc)`` returned (if given: it raises StartError when
+    the process does not get ready), pinned to ``cpus`` from then on; always stops and reaps it."""
     with log.open("wb") as out:
         # Ctrl-C is held back until ``proc`` is bound, so the finally below always gets to stop the broker.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -92,12 +100,41 @@ def running(
             raise StartError(str(exc)) from exc
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            _wait_listening(proc, port, log)
+            if port is not None:
+                _wait_listening(proc, port, log)
+            if ready is not None:
+                ready(proc)
             if cpus:
                 _pin_threads(proc.pid, cpus)
             yield proc
         finally:
             _stop(proc)
+
+
+def mqgate_config() -> dict[str, Any]:
+    """mqgate's default configuration, as ``python -m core.cli --print-config`` prints it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "--print-config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise StartError(f"--print-config failed: {tail(done.stdout + done.stderr)}")
+    return tomllib.loads(done.stdout)
+
+
+def sections_to_disable(config: dict[str, Any], keep: Collection[str]) -> list[str]:
+    """Every listener and gateway section of ``config`` that has an ``enabled`` switch, but those in ``keep``
+    (as ``"listeners.tcp"``, ``"gateways.coap"``)."""
+    return [
+        f"{group}.{name}"
+        for group in ("listeners", "gateways")
+        for name, section in config.get(group, {}).items()
+        if f"{group}.{name}" not in keep and "enabled" in section
+    ]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,6 +148,21 @@ def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` (the second field of /proc/<pid>/statm, in pages)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def socket_drops(port: int) -> int | None:
+    """The drops counter of the UDP socket bound to ``HOST:port``: datagrams the kernel dropped because its
+    receive queue was full (the last column of /proc/net/udp, or of /proc/net/udp6 for a socket bound to
+    the IPv4-mapped ``::ffff:HOST``); None if there is no such socket."""
+    host = f"{int.from_bytes(socket.inet_aton(HOST), sys.byteorder):08X}"
+    wanted = {f"{host}:{port:04X}", f"0000000000000000FFFF0000{host}:{port:04X}"}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f:
+                columns = line.split()
+                if columns[1] in wanted:
+                    return int(columns[-1])
+    return None
 
 
 def busy_seconds(cpus: set[int]) -> float:

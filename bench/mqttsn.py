@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from array import array
 from collections import deque
 from collections.abc import Sequence
@@ -38,15 +37,17 @@ from typing import Any
 from _common import (
     BUSY_OTHER_PCT,
     HOST,
-    REPO,
     START_TIMEOUT_S,
     Pinning,
     StartError,
     busy_seconds,
     cpu_seconds,
     free_port,
+    mqgate_config,
     rss_bytes,
     running,
+    sections_to_disable,
+    socket_drops,
     tail,
 )
 from _loadgen import Inbox, LoadError, child_setup, connect, percentile_ms, remaining_length, subscribe
@@ -452,27 +453,6 @@ def _pct(part: float, whole: float) -> float | None:
     return 100 * part / whole if whole else None
 
 
-def _other_sections() -> list[str]:
-    """Every listener but TCP and every gateway but MQTT-SN this mqgate has, to switch them off."""
-    done = subprocess.run(
-        [sys.executable, "-m", "core.cli", "--print-config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise StartError(f"--print-config failed: {tail(done.stdout + done.stderr)}")
-    config = tomllib.loads(done.stdout)
-    return [
-        f"{group}.{name}"
-        for group, keep in (("listeners", "tcp"), ("gateways", "mqttsn"))
-        for name, section in config.get(group, {}).items()
-        if name != keep and "enabled" in section
-    ]
-
-
 def _write_config(path: Path, tcp_port: int, udp_port: int, clients: int, disabled: list[str]) -> None:
     path.write_text(
         f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
@@ -498,17 +478,6 @@ def _wait_gateway(port: int, proc: subprocess.Popen[bytes]) -> None:
             except (TimeoutError, ConnectionRefusedError):
                 pass
     raise StartError(f"the MQTT-SN gateway did not answer SEARCHGW on udp port {port}")
-
-
-def _socket_drops(port: int) -> int | None:
-    """The drops counter of the UDP socket bound to ``HOST:port`` (the last column of /proc/net/udp)."""
-    local = f"{int.from_bytes(socket.inet_aton(HOST), sys.byteorder):08X}:{port:04X}"
-    with open("/proc/net/udp") as f:
-        for line in f:
-            columns = line.split()
-            if columns[1] == local:
-                return int(columns[-1])
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +544,7 @@ def _publish(cell: Cell, settings: Settings, udp_port: int, pid: int, cpus: set[
         cell.connect_s = time.monotonic() - t0
         cell.setup_resent = clients.setup_resent
         cell.rss_connected = rss_bytes(pid)
-        drops0 = _socket_drops(udp_port)
+        drops0 = socket_drops(udp_port)
         cpu0, busy0 = cpu_seconds(pid), busy_seconds(cpus) if cpus else None
         in_flight = cell.clients * cell.window
         cell.in_flight = min(in_flight, settings.max_in_flight or in_flight)
@@ -583,7 +552,7 @@ def _publish(cell: Cell, settings: Settings, udp_port: int, pid: int, cpus: set[
         cell.gateway_cpu_s = cpu_seconds(pid) - cpu0
         if busy0 is not None and cpus:
             cell.cpus_busy_s = busy_seconds(cpus) - busy0
-        drops1 = _socket_drops(udp_port)
+        drops1 = socket_drops(udp_port)
         if drops0 is not None and drops1 is not None:
             cell.socket_drops = drops1 - drops0
         return cell.published
@@ -713,7 +682,7 @@ def main() -> None:
 
     cells = [Cell(n, w) for n in args.clients for w in args.windows]
     try:
-        disabled = _other_sections()
+        disabled = sections_to_disable(mqgate_config(), ("listeners.tcp", "gateways.mqttsn"))
         with tempfile.TemporaryDirectory(prefix="mqgate-bench-sn-") as tmp:
             for cell in cells:
                 _run_cell(cell, settings, Path(tmp), pinning, disabled)
