@@ -12,9 +12,10 @@ import logging
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core import __version__
+from core.auth.access import AccessControl
 from core.broker.metrics import BrokerMetrics
 from core.broker.retain import RetainStore
 from core.broker.session import NEVER_EXPIRES, Session
@@ -55,8 +56,10 @@ class Broker:
         rng: random.Random | None = None,
         node_name: str = "mqgate@localhost",
         started_at: float = 0.0,
+        access: AccessControl | None = None,
     ) -> None:
         self.config = config
+        self.access = access if access is not None else AccessControl()
         self.rng = rng or random.Random()
         self.node_name = node_name
         self.started_at = started_at
@@ -154,12 +157,17 @@ class Broker:
         session.will_at = None
         if will is None:
             return
+        topic, allowed = self.access.check_publish(session.client, will.topic)
+        if not allowed:
+            self.access.stats.wills_denied += 1
+            log.info("the will of %s to %s is not authorised, dropped", session.client_id, will.topic)
+            return
         self.metrics.wills_published += 1
-        log.info("publishing the will of %s to %s", session.client_id, will.topic)
+        log.info("publishing the will of %s to %s", session.client_id, topic)
         expiry = will.properties.message_expiry_interval
         self.publish(
             Message(
-                will.topic,
+                topic,
                 will.payload,
                 will.qos,
                 will.retain,
@@ -181,6 +189,7 @@ class Broker:
         self._expiring.discard(session.client_id)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self.access.client_gone(session.client)
 
     def discard_session(self, client_id: str, now: float) -> bool:
         """End a session administratively (its connection, if any, is kicked with 0x98)."""
@@ -240,6 +249,15 @@ class Broker:
         code = self.check_filter(sub.topic_filter)
         if code:
             return code, []
+        topic_filter, allowed = self.access.check_subscribe(session.client, sub.topic_filter)
+        if not allowed:
+            log.debug("client %s may not subscribe to %s", session.client_id, topic_filter)
+            return ReasonCode.NOT_AUTHORIZED, []
+        if topic_filter != sub.topic_filter:
+            code = self.check_filter(topic_filter)
+            if code:
+                return code, []
+            sub = replace(sub, topic_filter=topic_filter)
         shared = parse_shared(sub.topic_filter)
         existed = sub.topic_filter in session.subscriptions
         if isinstance(shared, SharedFilter):
@@ -271,6 +289,7 @@ class Broker:
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         """Remove a subscription; False when there was none (v5 UNSUBACK 0x11)."""
+        topic_filter = self.access.rewrite_filter(topic_filter)
         if topic_filter not in session.subscriptions:
             return False
         self._remove_subscription(session, topic_filter)

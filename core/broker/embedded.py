@@ -3,12 +3,16 @@ the core :class:`Broker`, no sockets and no re-encoding."""
 
 from __future__ import annotations
 
+import logging
+
 from core.broker.broker import Broker
 from core.broker.session import Session
 from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
 from core.clock import Clock
 from core.mqtt.numbers import ReasonCode
 from core.topics import validate_topic
+
+log = logging.getLogger("mqgate.broker")
 
 __all__ = ["EmbeddedBroker", "EmbeddedSession"]
 
@@ -39,6 +43,16 @@ class EmbeddedSession:
             return ReasonCode.TOPIC_NAME_INVALID
         if message.retain and not self._broker.config.retain_available:
             return ReasonCode.RETAIN_NOT_SUPPORTED
+        access = self._broker.access
+        if access.checks_enabled:
+            topic, allowed = access.check_publish(self._session.client, message.topic)
+            if not allowed:
+                log.info("client %s may not publish to %s", self._session.client_id, message.topic)
+                return ReasonCode.NOT_AUTHORIZED
+            if topic != message.topic:
+                if validate_topic(topic, self._broker.config.max_topic_levels) is not None:
+                    return ReasonCode.TOPIC_NAME_INVALID
+                message.topic = topic
         message.sender = self._session.client_id
         self._broker.metrics.messages_received += 1
         matched = self._broker.publish(message, self._clock.now())
@@ -79,6 +93,12 @@ class EmbeddedSession:
         self._session.will = will
 
     def read_retained(self, topic: str) -> Message | None:
+        access = self._broker.access
+        if access.checks_enabled:  # reading a retained message is subscribing to its topic once
+            topic, allowed = access.check_subscribe(self._session.client, topic)
+            if not allowed:
+                log.info("client %s may not read %s", self._session.client_id, topic)
+                return None
         message = self._broker.retained.get(topic)
         if message is not None and message.expires_at is not None and message.expires_at <= self._clock.now():
             return None
@@ -112,8 +132,8 @@ class EmbeddedBroker:
         self.clock = clock
 
     async def authenticate(self, client: ClientInfo, credentials: Credentials) -> AuthResult:
-        """Anonymous access is allowed until an authentication source is configured."""
-        return AuthResult(0)
+        """The broker's authentication chain (``[auth]``), as for MQTT clients."""
+        return AuthResult(self.broker.access.authenticate(client, credentials))
 
     async def open_session(
         self,

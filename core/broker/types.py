@@ -79,6 +79,7 @@ class ClientInfo:
     peer: str = ""
     username: str | None = None
     protocol_version: int = 4
+    peer_cert: bytes | None = None  # the DER client certificate of a TLS/DTLS connection
 
 
 @dataclass(frozen=True, slots=True)

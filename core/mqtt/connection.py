@@ -19,7 +19,7 @@ from typing import Protocol
 
 from core.broker.broker import Broker
 from core.broker.session import NEVER_EXPIRES, Session
-from core.broker.types import ClientInfo, Message, Subscription, Will
+from core.broker.types import ClientInfo, Credentials, Message, Subscription, Will
 from core.mqtt.codec import (
     EMPTY_PROPERTIES,
     Connack,
@@ -93,10 +93,14 @@ def _ack(kind: int, packet_id: int) -> bytes:
 class MqttConnection:
     """One client connection bound to a broker session once CONNECT succeeds."""
 
-    def __init__(self, broker: Broker, transport: Transport, peer: str, now: float) -> None:
+    def __init__(
+        self, broker: Broker, transport: Transport, peer: str, now: float, peer_cert: bytes | None = None
+    ) -> None:
         self.broker = broker
         self.transport = transport
         self.peer = peer
+        self.peer_cert = peer_cert
+        self.client: ClientInfo | None = None  # who authenticated, once CONNECT succeeds
         self.state = ConnectionState.AWAITING_CONNECT
         self.version = 4
         self.client_id = ""
@@ -247,7 +251,16 @@ class MqttConnection:
             expiry = 0 if p.clean_start else NEVER_EXPIRES
         max_inflight = min(config.max_inflight, props.receive_maximum or 65535)
         self.decoder.version = self.version
-        client = ClientInfo(client_id, "mqtt", self.peer, p.username, self.version)
+        access = self.broker.access
+        client = access.identify(
+            ClientInfo(client_id, "mqtt", self.peer, p.username, self.version, peer_cert=self.peer_cert)
+        )
+        code = access.authenticate(client, Credentials(p.username, p.password))
+        if code:
+            self._refuse(code, "banned" if code == ReasonCode.BANNED else "not authorised")
+            return
+        self.client = client
+        self.client_id = client_id = client.client_id
         self._early = []
         self.session, present = self.broker.open_session(
             client,
@@ -337,6 +350,27 @@ class MqttConnection:
             if qos:
                 self._ack_publish(p, ReasonCode.NOT_AUTHORIZED)
             return
+        access = broker.access
+        if access.checks_enabled:
+            assert self.client is not None
+            original = topic
+            topic, allowed = access.check_publish(self.client, topic)
+            if not allowed:
+                log.info("client %s (%s) may not publish to %s", self.client_id, self.peer, original)
+                if qos:  # v5: PUBACK/PUBREC 0x87; v3 has no code: acknowledged and dropped (as mosquitto)
+                    self._ack_publish(p, ReasonCode.NOT_AUTHORIZED)
+                return
+            if topic != original and validate_topic(topic, broker.config.max_topic_levels) is not None:
+                log.info(
+                    "client %s (%s): %s rewritten to the invalid %r",
+                    self.client_id,
+                    self.peer,
+                    original,
+                    topic,
+                )
+                if qos:
+                    self._ack_publish(p, ReasonCode.TOPIC_NAME_INVALID)
+                return
         if qos == 2:
             awaiting = self.session.awaiting_rel  # type: ignore[union-attr]
             if p.packet_id in awaiting:
@@ -351,7 +385,7 @@ class MqttConnection:
                 return
             awaiting.add(p.packet_id)
         message = Message(topic, p.payload, qos, p.retain, self.client_id, props, expires_at)
-        if p.wire is not None and p.properties is EMPTY_PROPERTIES and not p.dup:  # no alias in the bytes
+        if p.wire is not None and p.properties is EMPTY_PROPERTIES and not p.dup and topic == p.topic:
             message.wire = {(self.version == 5, qos, p.retain, False): p.wire}  # forwarded as received
         matched = broker.publish(message, now)
         if qos:
