@@ -13,10 +13,11 @@ import socket
 from typing import cast
 
 from core.broker.broker import Broker
+from core.listeners.tls import TlsSettings, chain_too_deep, peer_certificate
 from core.mqtt.connection import ConnectionState, MqttConnection
 from core.mqtt.numbers import ReasonCode
 
-__all__ = ["MqttTcpListener"]
+__all__ = ["MqttProtocol", "MqttTcpListener"]
 
 log = logging.getLogger("mqgate.listener")
 
@@ -31,10 +32,14 @@ def format_peer(peer: object) -> str:
     return str(peer)
 
 
-class _MqttProtocol(asyncio.Protocol):
-    """One TCP connection; also the :class:`core.mqtt.connection.Transport` of its MqttConnection."""
+class MqttProtocol(asyncio.Protocol):
+    """One TCP (or TLS) connection; also the :class:`core.mqtt.connection.Transport` of its MqttConnection.
 
-    __slots__ = ("_out", "_paused", "_timer", "_transport", "connection", "listener")
+    Subclasses (WebSocket) override :meth:`_start`, :meth:`data_received`, :meth:`_send` and
+    :meth:`_close_transport`, and call :meth:`_open` and :meth:`_feed`.
+    """
+
+    __slots__ = ("_out", "_paused", "_timer", "_transport", "connection", "listener", "peer")
 
     def __init__(self, listener: MqttTcpListener) -> None:
         self.listener = listener
@@ -43,16 +48,24 @@ class _MqttProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self.connection: MqttConnection | None = None
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
         listener = self.listener
+        self.peer = format_peer(transport.get_extra_info("peername"))
         if len(listener.connections) >= listener.max_connections:
+            log.warning("%s: refusing %s: max_connections reached", listener.name, self.peer)
+            transport.abort()
+            return
+        if listener.tls is not None and chain_too_deep(transport, listener.tls.depth):
+            listener.handshake_failures += 1
             log.warning(
-                "%s: refusing %s: max_connections reached",
+                "%s: refusing %s: client certificate chain longer than depth %d",
                 listener.name,
-                format_peer(transport.get_extra_info("peername")),
+                self.peer,
+                listener.tls.depth,
             )
             transport.abort()
             return
@@ -60,14 +73,23 @@ class _MqttProtocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        now = listener.loop.time()
-        self.connection = MqttConnection(
-            listener.broker, self, format_peer(transport.get_extra_info("peername")), now
-        )
         listener.connections.add(self)
+        self._start(transport)
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        """The transport is ready: plain MQTT starts at once."""
+        self._open(self.peer)
+
+    def _open(self, peer: str) -> None:
+        """Bind the stream to a new MqttConnection; ``peer`` is the client's address as logged and shown."""
+        assert self._transport is not None
+        now = self.listener.loop.time()
+        cert = peer_certificate(self._transport) if self.listener.tls is not None else None
+        self.peer = peer
+        self.connection = MqttConnection(self.listener.broker, self, peer, now, cert)
         self._arm(self.connection.check_keepalive(now))
 
-    def data_received(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> None:
         connection = self.connection
         if connection is not None:
             now = self.listener.loop.time()
@@ -78,6 +100,8 @@ class _MqttProtocol(asyncio.Protocol):
                 if self._timer is not None:
                     self._timer.cancel()
                 self._arm(connection.check_keepalive(now))
+
+    data_received = _feed  # plain MQTT: no indirection on the hot path
 
     def eof_received(self) -> bool:
         return False
@@ -119,13 +143,24 @@ class _MqttProtocol(asyncio.Protocol):
         out = self._out
         transport = self._transport
         if out and transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._send(transport, out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+
+    def _send(self, transport: asyncio.Transport, data: bytes) -> None:
+        transport.write(data)
 
     def close(self) -> None:
         self.flush()
         if self._transport is not None:
-            self._transport.close()
+            self._close_transport(self._transport)
+
+    def _close_transport(self, transport: asyncio.Transport) -> None:
+        transport.close()
+
+    def abort(self) -> None:
+        """Drop a connection that has no MqttConnection yet (listener shutdown)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     @property
     def congested(self) -> bool:
@@ -144,6 +179,7 @@ class MqttTcpListener:
         name: str = "mqtt:tcp",
         max_connections: int = 1_000_000,
         backlog: int = 1024,
+        tls: TlsSettings | None = None,
     ) -> None:
         self.broker = broker
         self.host = host
@@ -151,23 +187,76 @@ class MqttTcpListener:
         self.name = name
         self.max_connections = max_connections
         self.backlog = backlog
-        self.connections: set[_MqttProtocol] = set()
+        self.tls = tls
+        self.connections: set[MqttProtocol] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.handshake_failures = 0  # TLS (and WebSocket upgrade) handshakes that failed or timed out
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
-        self._dirty: list[_MqttProtocol] = []
+        self._socket: socket.socket | None = None  # TLS: the listening socket of the accept loop
+        self._accepting: asyncio.Task[None] | None = None
+        self._dirty: list[MqttProtocol] = []
+
+    def _make_protocol(self) -> MqttProtocol:
+        return MqttProtocol(self)
 
     async def start(self) -> None:
         """Listen; raises OSError when the address cannot be bound."""
-        self._server = await self.loop.create_server(
-            lambda: _MqttProtocol(self), self.host, self.port, backlog=self.backlog, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self.tls is None:
+            self._server = await self.loop.create_server(
+                self._make_protocol, self.host, self.port, backlog=self.backlog, reuse_address=True
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        self._accepting = self.loop.create_task(self._accept_loop(sock), name=f"{self.name}-accept")
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept TLS connections; each handshake runs in a task of its own (``handshakes``)."""
+        while True:
+            try:
+                conn, address = await self.loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: keep the listener, let the peer retry
+                log.warning("%s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = self.loop.create_task(self._handshake(conn, format_peer(address)))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, peer: str) -> None:
+        tls = self.tls
+        assert tls is not None
+        try:
+            await self.loop.connect_accepted_socket(
+                self._make_protocol, conn, ssl=tls.context, ssl_handshake_timeout=tls.handshake_timeout
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except OSError as exc:  # ssl.SSLError and the handshake timeout included
+            self.handshake_failures += 1
+            log.warning(
+                "%s: TLS handshake with %s failed: %s", self.name, peer, str(exc) or type(exc).__name__
+            )
+            conn.close()
 
     @property
     def address(self) -> str:
         return format_peer((self.host, self.port))
 
-    def mark_dirty(self, protocol: _MqttProtocol) -> None:
+    def mark_dirty(self, protocol: MqttProtocol) -> None:
         if not self._dirty:
             self.loop.call_soon(self._flush)
         self._dirty.append(protocol)
@@ -181,10 +270,23 @@ class MqttTcpListener:
         """Stop accepting, and close every connection with ``reason_code`` (v5 DISCONNECT)."""
         if self._server is not None:
             self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        for task in list(self.handshakes):
+            task.cancel()
+        if self.handshakes:
+            await asyncio.gather(*self.handshakes, return_exceptions=True)
         now = self.loop.time()
         for protocol in list(self.connections):
             if protocol.connection is not None:
                 protocol.connection.shutdown(reason_code, now)
+            else:
+                protocol.abort()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
