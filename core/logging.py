@@ -31,7 +31,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
+    """One JSON object per line: time, level, logger, message, and ``clientid``, ``peer`` and ``protocol``
+    when the record carries them (``log.info(..., extra={"clientid": ...})``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -40,6 +41,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in ("clientid", "peer", "protocol"):
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = str(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
