@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqgate",
         description="MQTT broker with MQTT-SN, CoAP and LwM2M gateways. With no options it runs the broker "
-        "and every gateway on their standard ports.",
+        "and every gateway on their standard ports. `mqgate passwd -h` and `mqgate users -h` manage users.",
     )
     parser.add_argument("--config", metavar="FILE", help=f"TOML configuration file (or ${ENV_CONFIG_FILE})")
     parser.add_argument(
@@ -56,6 +56,15 @@ async def _run(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("passwd", "users"):  # user management commands (core.auth.cli)
+        from core.auth.cli import main as auth_main
+
+        return auth_main(argv)
+    if argv and argv[0] == "ctl":  # operations through the HTTP API of a running mqgate (core.ctl)
+        from core.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config or os.environ.get(ENV_CONFIG_FILE))

@@ -31,8 +31,10 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from core.errors import ConfigError
+from core.topics import validate_filter, validate_topic
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -40,23 +42,36 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_CONFIG_FILE",
     "ENV_PREFIX",
+    "AclConfig",
+    "AclRuleConfig",
+    "ApiConfig",
+    "AuthConfig",
+    "BridgeConfig",
     "BrokerConfig",
     "CoapConfig",
+    "CoapDtlsConfig",
     "Config",
     "GatewaysConfig",
     "HardwareConfig",
+    "JwtConfig",
     "ListenersConfig",
     "LogConfig",
     "LwM2mConfig",
     "MqttSnConfig",
+    "RewriteRuleConfig",
     "SerialLinkConfig",
+    "SniCertConfig",
     "TcpListenerConfig",
+    "TlsListenerConfig",
     "UpstreamConfig",
+    "WsListenerConfig",
+    "WssListenerConfig",
     "apply_env",
     "build_section",
     "dump_toml",
     "load_config",
     "parse_bind",
+    "parse_url",
 ]
 
 ENV_PREFIX = "MQGATE_"
@@ -96,11 +111,94 @@ class TcpListenerConfig:
     backlog: int = 1024
 
 
+def _check_cidrs(value: list[str], key: str) -> None:
+    for index, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{index}]: {item!r} is not an IP address or CIDR range") from None
+
+
+def _check_ws_path(value: str, key: str) -> None:
+    if not value.startswith("/"):
+        raise ConfigError(f"{key}: {value!r} must start with '/'")
+
+
+@dataclass(slots=True, frozen=True)
+class SniCertConfig:
+    """One ``[[listeners.tls.sni]]`` entry (server_name_indication): the certificate served to clients that
+    ask for ``server_name``."""
+
+    server_name: str  # required: the host name the client sends in its TLS ClientHello
+    certfile: str  # required: PEM certificate chain
+    keyfile: str = ""  # "" = the key is in certfile
+    key_password: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class TlsListenerConfig:
+    """MQTT over TLS (MQTT 5.0 §4.2; IANA port 8883). ``verify = "verify_peer"`` asks for a client certificate
+    signed by ``cacertfile``; ``fail_if_no_peer_cert`` refuses clients without one. The verified certificate
+    is available to authentication (``auth.peer_cert_as_username``)."""
+
+    enabled: bool = False
+    bind: str = field(default="0.0.0.0:8883", metadata={"check": parse_bind})
+    max_connections: int = field(default=1_000_000, metadata={"min": 1})
+    backlog: int = 1024
+    handshake_timeout: float = field(default=15.0, metadata={"min": 0.01})  # seconds; then the socket closes
+    certfile: str = ""  # required when enabled: PEM certificate chain
+    keyfile: str = ""  # "" = the key is in certfile
+    key_password: str = ""
+    cacertfile: str = ""  # CAs that sign client certificates (verify_peer)
+    verify: str = field(default="verify_none", metadata={"choices": ("verify_none", "verify_peer")})
+    fail_if_no_peer_cert: bool = False  # with verify_peer: refuse a client without a certificate
+    depth: int = field(default=10, metadata={"min": 0, "max": 100})  # intermediate CAs allowed in a chain
+    min_version: str = field(default="1.2", metadata={"choices": ("1.2", "1.3")})
+    ciphers: str = ""  # OpenSSL cipher list for TLS 1.2; "" = OpenSSL's defaults
+    sni: list[SniCertConfig] = field(default_factory=list)  # per-name certificates
+
+
+@dataclass(slots=True, frozen=True)
+class WsListenerConfig:
+    """MQTT over WebSocket (MQTT 5.0 §6): binary frames on ``path``, subprotocol ``mqtt`` or ``mqttv3.1``.
+    A browser's ``Origin`` must be in ``allowed_origins`` (empty: any) against cross-site WebSocket
+    hijacking; ``X-Forwarded-For``/``X-Forwarded-Port`` and, with ``proxy_protocol``, a PROXY protocol v1/v2
+    header give the client's address only when the connection comes from ``trusted_proxies``."""
+
+    enabled: bool = False
+    bind: str = field(default="0.0.0.0:8083", metadata={"check": parse_bind})
+    max_connections: int = field(default=1_000_000, metadata={"min": 1})
+    backlog: int = 1024
+    handshake_timeout: float = field(default=15.0, metadata={"min": 0.01})  # seconds for the HTTP upgrade
+    path: str = field(default="/mqtt", metadata={"check": _check_ws_path})
+    fail_if_no_subprotocol: bool = True  # refuse (400) a client that offers no mqtt subprotocol
+    allowed_origins: list[str] = field(default_factory=list)  # e.g. ["https://app.example.com"]
+    trusted_proxies: list[str] = field(default_factory=list, metadata={"check": _check_cidrs})
+    proxy_protocol: bool = False  # trusted proxies send a PROXY protocol v1/v2 header first
+    max_frame_size: int = field(default=2_097_152, metadata={"min": 1024})  # bytes per WebSocket message
+
+
+@dataclass(slots=True, frozen=True)
+class WssListenerConfig(TlsListenerConfig):
+    """MQTT over secure WebSocket: the TLS options of ``[listeners.tls]`` and the WebSocket ones of
+    ``[listeners.ws]`` (the PROXY protocol is not available here: it would precede the TLS handshake)."""
+
+    bind: str = field(default="0.0.0.0:8084", metadata={"check": parse_bind})
+    path: str = field(default="/mqtt", metadata={"check": _check_ws_path})
+    fail_if_no_subprotocol: bool = True
+    allowed_origins: list[str] = field(default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list, metadata={"check": _check_cidrs})
+    max_frame_size: int = field(default=2_097_152, metadata={"min": 1024})
+
+
 @dataclass(slots=True, frozen=True)
 class ListenersConfig:
     """The network listeners the broker accepts MQTT connections on."""
 
     tcp: TcpListenerConfig = field(default_factory=TcpListenerConfig)
+    tls: TlsListenerConfig = field(default_factory=TlsListenerConfig)
+    ws: WsListenerConfig = field(default_factory=WsListenerConfig)
+    wss: WssListenerConfig = field(default_factory=WssListenerConfig)
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,6 +236,27 @@ class LogConfig:
 
     level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
     format: str = field(default="text", metadata={"choices": ("text", "json")})
+
+
+def _check_api_keys(value: list[str], key: str) -> None:
+    for index, item in enumerate(value):
+        if not item or any(c.isspace() for c in item) or item.startswith(":") or item.endswith(":"):
+            raise ConfigError(
+                f'{key}[{index}]: an API key is a bearer token or "user:pass", without whitespace'
+            )
+
+
+@dataclass(slots=True, frozen=True)
+class ApiConfig:
+    """The HTTP management API and ``/metrics`` (``[api]``). ``keys`` are bearer tokens, or ``user:pass`` for
+    basic authentication; with no keys only loopback callers are served."""
+
+    enabled: bool = True
+    bind: str = field(default="127.0.0.1:18083", metadata={"check": parse_bind})
+    keys: list[str] = field(default_factory=list, metadata={"check": _check_api_keys})
+    max_body_size: int = field(default=1_048_576, metadata={"min": 1024})  # larger request bodies get 413
+    trace_dir: str = "mqgate-trace"  # trace files (POST /api/v5/trace), one JSON line per event
+    alarm_memory_bytes: int = field(default=0, metadata={"min": 0})  # RSS over it: high_memory alarm; 0 = off
 
 
 def _check_predefined(value: dict[int, str], key: str) -> None:
@@ -178,6 +297,18 @@ class MqttSnConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class CoapDtlsConfig:
+    """CoAP over DTLS 1.2 with pre-shared keys (``[gateways.coap.dtls]``, ``coaps://``, RFC 7252 §9.1.3.1;
+    IANA port 5684), through tinydtls (the ``DTLSSocket`` package)."""
+
+    enabled: bool = False
+    bind: str = field(default="0.0.0.0:5684", metadata={"check": parse_bind})
+    psk: dict[str, str] = field(default_factory=dict)  # PSK identity -> key, e.g. { "sensor-1" = "secret" }
+    max_peers: int = field(default=10_000, metadata={"min": 1})  # DTLS peers; more new addresses are dropped
+    idle_timeout: float = field(default=300.0, metadata={"min": 1.0})  # seconds; a silent peer is dropped
+
+
+@dataclass(slots=True, frozen=True)
 class CoapConfig:
     """The CoAP gateway (``[gateways.coap]``): RFC 7252 with observe (RFC 7641) and block-wise (RFC 7959)."""
 
@@ -193,6 +324,7 @@ class CoapConfig:
     max_body_size: int = field(default=4 * 1024 * 1024, metadata={"min": 16})  # block-wise bodies
     block_size: int = field(default=1024, metadata={"choices": (16, 32, 64, 128, 256, 512, 1024)})
     clientid_prefix: str = ""
+    dtls: CoapDtlsConfig = field(default_factory=CoapDtlsConfig)
 
 
 @dataclass(slots=True, frozen=True)
@@ -252,9 +384,26 @@ class HardwareConfig:
     serial: list[SerialLinkConfig] = field(default_factory=list)
 
 
+def parse_url(url: str, key: str = "upstream.url") -> tuple[str, int, bool]:
+    """(host, port, tls) of ``mqtt://host[:1883]`` or ``mqtts://host[:8883]``; ConfigError names ``key``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} must be mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {url!r}") from None
+    return parts.hostname, port, tls
+
+
 def _check_upstream_url(value: str, key: str) -> None:
     if value and not (value.startswith("mqtt://") or value.startswith("mqtts://")):
         raise ConfigError(f"{key}: {value!r} must be mqtt://host:port or mqtts://host:port (or empty)")
+
+
+def _check_url(value: str, key: str) -> None:
+    parse_url(value, key)
 
 
 @dataclass(slots=True, frozen=True)
@@ -284,6 +433,159 @@ class UpstreamConfig:
     embedded_listeners: bool = False
 
 
+_AUTH_SOURCES = ("password_file", "database", "jwt")
+_CERT_FIELDS = ("", "cn", "dn", "md5", "base64")
+
+
+def _check_chain(value: list[str], key: str) -> None:
+    for name in value:
+        if name not in _AUTH_SOURCES:
+            raise ConfigError(f"{key}: unknown source {name!r}; expected {', '.join(_AUTH_SOURCES)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: a source is listed twice")
+
+
+def _check_regex(value: str, key: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key}: invalid regular expression: {exc}") from None
+
+
+def _check_cidr(value: str, key: str) -> None:
+    if value:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not an IP address or CIDR range") from None
+
+
+@dataclass(slots=True, frozen=True)
+class JwtConfig:
+    """JWT in the password field (``[auth.jwt]``): one key source (HMAC secret, public key PEM, JWKS file or
+    JWKS URL). ``exp``/``nbf`` are checked; ``verify_claims`` values may use ``%u`` (user name) and ``%c``
+    (client id); an ``acl`` claim ``{"pub": [...], "sub": [...], "all": [...]}`` replaces the ACL."""
+
+    secret: str = ""  # HS256/384/512
+    public_key: str = ""  # PEM file: RS*, PS*, ES*, EdDSA
+    jwks_file: str = ""
+    jwks_url: str = ""
+    jwks_refresh_interval: float = field(default=300.0, metadata={"min": 1.0})
+    algorithms: list[str] = field(default_factory=list)  # empty: every algorithm of the configured key kind
+    leeway: float = field(default=0.0, metadata={"min": 0})  # seconds of clock skew allowed for exp/nbf
+    verify_claims: dict[str, str] = field(default_factory=dict)  # e.g. { sub = "%u" }
+    acl_claim: str = "acl"
+
+
+@dataclass(slots=True, frozen=True)
+class AuthConfig:
+    """Authentication (``[auth]``): an ordered chain of sources, each answering allow, deny or ignore; when
+    all ignore, ``allow_anonymous`` decides."""
+
+    allow_anonymous: bool = True
+    chain: list[str] = field(default_factory=list, metadata={"check": _check_chain})  # [] = each configured
+    password_file: str = ""
+    database: str = ""  # sqlite user db (``mqgate users``)
+    jwt: JwtConfig = field(default_factory=JwtConfig)
+    peer_cert_as_username: str = field(default="", metadata={"choices": _CERT_FIELDS})
+    peer_cert_as_clientid: str = field(default="", metadata={"choices": _CERT_FIELDS})
+    max_failures_per_min: int = field(default=0, metadata={"min": 0})  # per address; 0 = no limit
+    max_credential_size: int = field(default=8192, metadata={"min": 16})  # longer passwords are refused
+
+
+@dataclass(slots=True, frozen=True)
+class AclRuleConfig:
+    """One ``[[acl.rules]]`` entry: who (every given field must match; none = everybody), what, which topics
+    (``eq F`` for an exact filter, ``%u``/``%c`` placeholders)."""
+
+    permission: str = field(metadata={"choices": ("allow", "deny")})
+    action: str = field(default="all", metadata={"choices": ("publish", "subscribe", "all")})
+    topics: list[str] = field(default_factory=list)
+    username: str = ""
+    clientid: str = ""
+    ipaddress: str = field(default="", metadata={"check": _check_cidr})
+
+
+@dataclass(slots=True, frozen=True)
+class AclConfig:
+    """Authorisation (``[acl]``): the rules first (first match wins), then the mosquitto-format file."""
+
+    file: str = ""
+    rules: list[AclRuleConfig] = field(default_factory=list)
+    no_match: str = field(default="allow", metadata={"choices": ("allow", "deny")})
+    cache_ttl: float = field(default=60.0, metadata={"min": 0})  # per-client decision cache; 0 = off
+    cache_max_entries: int = field(default=64, metadata={"min": 1})  # per client
+
+
+@dataclass(slots=True, frozen=True)
+class RewriteRuleConfig:
+    """One ``[[rewrite]]`` rule, applied before the ACL: for a topic matching ``source``, ``regex`` is matched
+    against the whole topic and ``dest`` (with ``$1``..``$9``) is the new topic; the first rule whose source
+    matches decides."""
+
+    source: str
+    regex: str = field(metadata={"check": _check_regex})
+    dest: str
+    action: str = field(default="all", metadata={"choices": ("publish", "subscribe", "all")})
+
+
+_BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_bridge_name(value: str, key: str) -> None:
+    if not _BRIDGE_NAME.fullmatch(value) or value.startswith("."):
+        raise ConfigError(
+            f"{key}: {value!r} must be 1-64 letters, digits, '_', '-' or '.' (it names the buffer file)"
+        )
+
+
+def _check_filters(value: list[str], key: str) -> None:
+    for index, topic_filter in enumerate(value):
+        why = validate_filter(topic_filter)
+        if why is not None:
+            raise ConfigError(f"{key}[{index}]: {topic_filter!r} is not a topic filter: {why}")
+
+
+def _check_prefix(value: str, key: str) -> None:
+    if value and validate_topic(value + "x") is not None:
+        raise ConfigError(f"{key}: {value!r} cannot start a topic name (no '+', '#' or U+0000)")
+
+
+@dataclass(slots=True, frozen=True)
+class BridgeConfig:
+    """One MQTT bridge (``[[bridges]]``) between the embedded broker and a remote broker: local messages
+    matching ``forwards`` are sent to the remote (topic ``remote_prefix + topic``), remote messages matching
+    ``subscriptions`` are published locally (topic ``local_prefix + topic``). QoS 1/2 forwards go through an
+    on-disk buffer, so a remote outage loses nothing; at most ``max_inflight`` wait for the remote's
+    acknowledgement, and one not acknowledged within ``retry_interval`` seconds is sent again."""
+
+    name: str = field(metadata={"check": _check_bridge_name})  # required: the client id and buffer file
+    url: str = field(metadata={"check": _check_url})  # required: mqtt://host:port or mqtts://host:port
+    protocol_version: int = field(default=4, metadata={"choices": (4, 5)})
+    client_id: str = ""  # "" = mqgate-bridge-{name}
+    username: str = ""
+    password: str = ""
+    keepalive: int = field(default=60, metadata={"min": 0, "max": 65535})
+    ca_file: str = ""  # mqtts: trust these CAs (system CAs when empty)
+    cert_file: str = ""  # mqtts: client certificate
+    key_file: str = ""
+    server_name: str = ""  # mqtts: SNI and the name checked in the certificate; "" = the url's host
+    verify: bool = True
+    forwards: list[str] = field(default_factory=list, metadata={"check": _check_filters})  # local -> remote
+    subscriptions: list[str] = field(
+        default_factory=list, metadata={"check": _check_filters}
+    )  # remote -> local
+    local_prefix: str = field(default="", metadata={"check": _check_prefix})  # prepended to remote topics
+    remote_prefix: str = field(default="", metadata={"check": _check_prefix})  # prepended to local topics
+    qos: int = field(default=1, metadata={"min": 0, "max": 2})  # highest QoS of forwards and subscriptions
+    max_inflight: int = field(default=32, metadata={"min": 1, "max": 65000})  # unacknowledged at the remote
+    retry_interval: float = field(default=30.0, metadata={"min": 0.01})  # seconds before an unacked resend
+    buffer_dir: str = "mqgate-bridge-buffer"  # QoS 1/2 forwards waiting for the remote (sqlite)
+    max_buffer_bytes: int = field(default=64 * 1024 * 1024, metadata={"min": 1024})
+    backoff_min: float = field(default=0.5, metadata={"min": 0.01})  # reconnect backoff, seconds
+    backoff_max: float = field(default=30.0, metadata={"min": 0.01})
+
+
 @dataclass(slots=True, frozen=True)
 class Config:
     """The whole configuration: one field per top-level TOML table."""
@@ -293,7 +595,12 @@ class Config:
     gateways: GatewaysConfig = field(default_factory=GatewaysConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    bridges: list[BridgeConfig] = field(default_factory=list)
     log: LogConfig = field(default_factory=LogConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    acl: AclConfig = field(default_factory=AclConfig)
+    rewrite: list[RewriteRuleConfig] = field(default_factory=list)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
 
 def load_config(

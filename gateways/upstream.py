@@ -28,18 +28,16 @@ import logging
 import os
 import random
 import socket
-import ssl
 from collections.abc import Coroutine
 from functools import partial
-from urllib.parse import urlsplit
 
 from core.broker.metrics import BrokerMetrics
 from core.broker.session import Session
 from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
 from core.clock import Clock
-from core.config import UpstreamConfig
-from core.errors import ConfigError
-from core.mqtt.client import ClientState, MqttClient, UpstreamRefused
+from core.config import UpstreamConfig, parse_url
+from core.errors import ProtocolError
+from core.mqtt.client import ClientState, MqttClient, UpstreamRefused, tls_context
 from core.mqtt.codec import (
     EMPTY_PROPERTIES,
     Publish,
@@ -61,30 +59,6 @@ _PEEK = 64
 _AGGREGATE_STREAM = "*"
 
 
-def parse_url(url: str, key: str = "upstream.url") -> tuple[str, int, bool]:
-    """(host, port, tls) of ``mqtt://host[:1883]`` or ``mqtts://host[:8883]``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"{key}: {url!r} must be mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError(f"{key}: bad port in {url!r}") from None
-    return parts.hostname, port, tls
-
-
-def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
-    """The client TLS context of ``mqtts://``: CA, optional client certificate, verification."""
-    context = ssl.create_default_context(cafile=config.ca_file or None)
-    if config.cert_file:
-        context.load_cert_chain(config.cert_file, config.key_file or None)
-    if not config.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class Forwarder:
     """Sends one stream of the store upstream through one client, in order, within the client's window."""
 
@@ -102,7 +76,10 @@ class Forwarder:
         """Hand the client what it can take now (it calls ``on_writable`` when it can take more)."""
         client = self.client
         while client.connected:
-            batch = self.store.peek(self.stream, _PEEK, after_id=self._cursor)
+            room = min(_PEEK, client.window - client.inflight)  # read no more rows than can be sent now
+            if room <= 0:
+                return
+            batch = self.store.peek(self.stream, room, after_id=self._cursor)
             if not batch:
                 return
             for stored in batch:
@@ -216,10 +193,15 @@ class UpstreamSession:
         self.broker.closed(self, publish_will=publish_will)
 
     def deliver(self, message: Message) -> None:
-        """A message from upstream for this device: through its local session, per matching subscription."""
+        """A message from upstream for this device: through its local session, per matching subscription.
+        The upstream broker sets retain only on a retained message sent for a new subscription (§3.3.1.3),
+        so the flag is kept."""
         for sub in self.local.subscriptions.values():
             if filter_matches(sub.topic_filter, message.topic):
-                self.local.deliver(message, sub)
+                if message.retain:
+                    self.local.deliver_retained(message, sub)
+                else:
+                    self.local.deliver(message, sub)
                 return
 
 
@@ -231,7 +213,9 @@ class UpstreamBroker:
         self.clock = clock
         self.rng = rng or random.Random()
         self.host, self.port, tls = parse_url(config.url)
-        self.ssl = tls_context(config) if tls else None
+        self.ssl = (
+            tls_context(config.ca_file, config.cert_file, config.key_file, config.verify) if tls else None
+        )
         self.metrics = BrokerMetrics()
         self.dropped_qos0_outage = 0
         self.buffer_full = 0
@@ -382,7 +366,7 @@ class UpstreamBroker:
             except UpstreamRefused as exc:
                 log.info("upstream refused %s: %s", stream, exc)
                 raise SessionRefused(exc.reason_code) from None
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, ConnectionError, ProtocolError) as exc:  # garbage too
                 log.info("upstream unreachable for %s (%s): buffering, reconnecting", stream, exc)
                 connection.start()
         session = UpstreamSession(self, client, local, will, stream, connection, present)

@@ -35,6 +35,7 @@ class RunningBroker:
         data: dict[str, Any] = {
             "listeners": {"tcp": {"bind": "127.0.0.1:0"}},
             "broker": {"sys_interval": 0},
+            "api": {"bind": "127.0.0.1:0"},
             "gateways": {
                 "mqttsn": {"bind": "127.0.0.1:0", "advertise_interval": 0},
                 "coap": {"bind": "127.0.0.1:0"},
@@ -48,8 +49,13 @@ class RunningBroker:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="mqgate-test-loop", daemon=True)
         self._thread.start()
-        self.run(self.app.start())
-        self.port: int = self.app.listeners["mqtt:tcp"].port
+        try:
+            self.run(self.app.start())  # a failed start stops what it started
+        except BaseException:
+            self._stop_loop()
+            raise
+        tcp = self.app.listeners.get("mqtt:tcp")  # none in edge mode (upstream.url set)
+        self.port: int | None = tcp.port if tcp is not None else None
         self.host = "127.0.0.1"
 
     @property
@@ -78,9 +84,12 @@ class RunningBroker:
         try:
             self.run(self.app.stop())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture

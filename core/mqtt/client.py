@@ -17,6 +17,14 @@ Delivery contract of :meth:`MqttClient.publish` for QoS 1/2 (MQTT 5.0 §4.3, §4
   already PUBREC'd), so nothing is delivered twice; ``on_done(None)`` comes only if the server then reports
   no session, or on :meth:`MqttClient.stop`.
 
+Retransmission within a connection (``retry_interval`` > 0, for MQTT bridges; EMQX's and mosquitto's bridge
+setting): a QoS 1/2 PUBLISH, or the PUBREL of a QoS 2 flow, not acknowledged within ``retry_interval``
+seconds is handled by protocol version. MQTT 3.1.1 resends it on the same connection, PUBLISH with DUP set and
+the same packet identifier (§4.3.2, §4.4 allows it). MQTT 5.0 forbids resending other than on reconnect
+(§4.4, [MQTT-4.4.0-1]), so the client closes the connection (DISCONNECT 0x83) and the reconnect resends it
+as above. ``retry_interval`` is in seconds and used as given, never converted (the unit bug of EMQX 4.3's
+bridge, which multiplied it twice).
+
 Bad input from the server (§4.13): undecodable bytes or a packet not allowed from a server closes the
 connection (with a v5 DISCONNECT carrying the reason code), is logged with the decoder's reason and, under
 ``start()``, is retried with backoff like any other failure.
@@ -28,6 +36,7 @@ import asyncio
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from enum import Enum
 from ssl import SSLContext
@@ -60,7 +69,7 @@ from core.mqtt.codec import (
 from core.mqtt.numbers import MAX_PACKET_ID, MAX_REMAINING_LENGTH, ReasonCode
 from core.topics import validate_filter, validate_topic
 
-__all__ = ["ClientState", "MqttClient", "UpstreamRefused"]
+__all__ = ["ClientState", "MqttClient", "UpstreamRefused", "tls_context"]
 
 log = logging.getLogger("mqgate.client")
 
@@ -90,6 +99,20 @@ def _code_name(code: int) -> str:
         return "unknown reason"
 
 
+def tls_context(
+    ca_file: str = "", cert_file: str = "", key_file: str = "", verify: bool = True
+) -> SSLContext:
+    """The client TLS context of ``mqtts://``: CA bundle (the system's when empty), optional client
+    certificate, and server verification (hostname and chain) unless ``verify`` is false."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class UpstreamRefused(MqgateError):
     """The server answered CONNECT with a failure CONNACK (MQTT 5.0 §3.2.2.2).
 
@@ -112,16 +135,20 @@ class ClientState(Enum):
 
 
 class _Outgoing:
-    """An unacknowledged QoS 1/2 PUBLISH: its encoded bytes (for a §4.4 resend), where its QoS 2 flow is."""
+    """An unacknowledged QoS 1/2 PUBLISH: its encoded bytes (for a §4.4 resend), where its QoS 2 flow is,
+    and when its PUBLISH or PUBREL was last written (loop time, for ``retry_interval``)."""
 
-    __slots__ = ("code", "data", "on_done", "qos", "released")
+    __slots__ = ("code", "data", "on_done", "qos", "released", "sent_at")
 
-    def __init__(self, data: bytes, qos: int, on_done: Callable[[int | None], None] | None) -> None:
+    def __init__(
+        self, data: bytes, qos: int, on_done: Callable[[int | None], None] | None, sent_at: float = 0.0
+    ) -> None:
         self.data = data
         self.qos = qos
         self.on_done = on_done
         self.released = False  # PUBREC received, PUBREL sent (§4.3.3)
         self.code = 0  # PUBREC's reason code (0x10: no matching subscribers)
+        self.sent_at = sent_at
 
 
 class _Protocol(asyncio.Protocol):
@@ -196,6 +223,7 @@ class MqttClient:
         max_inflight: int = 32,
         max_packet_size: int = _DEFAULT_MAX_PACKET,
         connect_timeout: float = 10.0,
+        retry_interval: float = 0.0,
         reconnect: bool = True,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
@@ -213,6 +241,8 @@ class MqttClient:
             raise ValueError(f"max_inflight must be between 1 and {MAX_PACKET_ID - SUBSCRIBE_CHUNK}")
         if not 0 <= keepalive <= 65535:
             raise ValueError("keepalive must be between 0 and 65535 seconds")
+        if not 0 <= retry_interval < float("inf"):
+            raise ValueError("retry_interval must be 0 (off) or a positive number of seconds")
         if not 0 < backoff_min <= backoff_max:
             raise ValueError("backoff needs 0 < backoff_min <= backoff_max")
         if protocol_version == 4 and password is not None and username is None:
@@ -232,6 +262,9 @@ class MqttClient:
         self.max_inflight = max_inflight
         self.max_packet_size = max_packet_size
         self.connect_timeout = connect_timeout
+        self.retry_interval = retry_interval
+        """Seconds before an unacknowledged QoS 1/2 publish is sent again (module docstring); 0: only on
+        reconnect."""
         self.reconnect = reconnect
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -251,6 +284,7 @@ class MqttClient:
         self.undelivered = 0  # on_done(None) reports
         self.messages_received = 0
         self.pings_sent = 0
+        self.retransmitted = 0  # PUBLISH (DUP) and PUBREL resent after retry_interval, v3.1.1
         # connection state
         self.state = ClientState.DISCONNECTED
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,6 +298,7 @@ class MqttClient:
         self._paused = False
         self._blocked = False
         self._timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._keepalive = keepalive
         self._last_sent = 0.0
         self._last_received = 0.0
@@ -465,7 +500,13 @@ class MqttClient:
                 self._loop.call_soon(on_done, int(code))
             return True
         if qos:
-            inflight[packet_id] = _Outgoing(data, qos, on_done)
+            if self.retry_interval:
+                assert self._loop is not None
+                inflight[packet_id] = _Outgoing(data, qos, on_done, self._loop.time())
+                if self._retry_timer is None:
+                    self._arm_retry()
+            else:
+                inflight[packet_id] = _Outgoing(data, qos, on_done)
         elif on_done is not None:  # asked for QoS 1/2, lowered to the server's maximum of 0
             assert self._loop is not None
             self._loop.call_soon(on_done, 0)
@@ -599,6 +640,8 @@ class MqttClient:
                 self._send_subscribe(list(self._subs.values()))
         if self._keepalive:
             self._timer = self._loop.call_at(now + self._keepalive, self._on_timer)
+        if self.retry_interval and self._inflight:
+            self._arm_retry()
         log.info(
             "%s: connected (MQTT %s, session present: %s)",
             self.name,
@@ -614,7 +657,10 @@ class MqttClient:
     def _resume_session(self) -> None:
         """Session present (§4.4): resend unacknowledged PUBLISHes with DUP and PUBRELs, in their order, then
         the subscription changes the server has not acknowledged."""
+        assert self._loop is not None
+        now = self._loop.time()
         for packet_id, entry in self._inflight.items():
+            entry.sent_at = now
             if entry.released:
                 self._write(_ack(_PUBREL, packet_id))
             else:
@@ -655,6 +701,9 @@ class MqttClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         self.disconnects += 1
         self._pending_subs.clear()
         self._pending_unsubs.clear()
@@ -812,6 +861,9 @@ class MqttClient:
             return
         entry.released = True
         entry.code = p.reason_code
+        if self.retry_interval:
+            assert self._loop is not None
+            entry.sent_at = self._loop.time()
         self._write(_ack(_PUBREL, packet_id))
 
     def _on_pubcomp(self, p: Pubcomp) -> None:
@@ -904,6 +956,48 @@ class MqttClient:
         else:
             deadline = min(min(self._last_sent, self._last_received) + keepalive, dead_at)
         self._timer = loop.call_at(deadline, self._on_timer)
+
+    # --- retransmission (retry_interval; see the module docstring)
+
+    def _arm_retry(self) -> None:
+        """Wake up when the oldest unacknowledged PUBLISH or PUBREL is due again."""
+        assert self._loop is not None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        oldest = min(entry.sent_at for entry in self._inflight.values())
+        self._retry_timer = self._loop.call_at(oldest + self.retry_interval, self._on_retry)
+
+    def _on_retry(self) -> None:
+        self._retry_timer = None
+        loop = self._loop
+        if self.state is not ClientState.CONNECTED or loop is None or not self._inflight:
+            return
+        now = loop.time()
+        due = now - self.retry_interval
+        expired = [(packet_id, e) for packet_id, e in self._inflight.items() if e.sent_at <= due]
+        if expired and self.protocol_version == 5:
+            why = f"{len(expired)} publishes not acknowledged within retry_interval {self.retry_interval:g} s"
+            self._drop(
+                f"{why}: reconnecting to resend them (MQTT 5 §4.4)",
+                ProtocolError(why, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR),
+            )
+            return
+        if expired:
+            log.info(
+                "%s: resending %d publishes not acknowledged within %g s",
+                self.name,
+                len(expired),
+                self.retry_interval,
+            )
+        for packet_id, entry in expired:
+            entry.sent_at = now
+            self.retransmitted += 1
+            if entry.released:
+                self._write(_ack(_PUBREL, packet_id))
+            else:
+                data = entry.data
+                self._write(bytes((data[0] | 0x08,)) + data[1:])
+        self._arm_retry()
 
     # --- output
 

@@ -104,12 +104,22 @@ async def open_channel_session(
         channel.session_refused(0x88, now())
 
 
-async def open_qos3_session(broker: Broker, client_id: str, address: str) -> SessionHandle:
-    """The session QoS -1 PUBLISHes (§6.8) are published from; it subscribes to nothing."""
+async def open_qos3_session(broker: Broker, client_id: str, address: str) -> SessionHandle | None:
+    """The session QoS -1 PUBLISHes (§6.8) are published from; it subscribes to nothing. A broker that
+    refuses it (edge mode: the upstream's credentials) does not stop the gateway: QoS -1 publishes are then
+    dropped and counted, and the refusal is logged."""
     client = ClientInfo(client_id, "mqttsn", address)
-    return await broker.open_session(
-        client, clean_start=True, expiry=0, will=None, sink=_NoDeliveries(), max_inflight=1
-    )
+    try:
+        return await broker.open_session(
+            client, clean_start=True, expiry=0, will=None, sink=_NoDeliveries(), max_inflight=1
+        )
+    except SessionRefused as exc:
+        log.warning(
+            "mqttsn: the QoS -1 session %s was refused (reason 0x%02x): QoS -1 is off",
+            client_id,
+            exc.reason_code,
+        )
+        return None
 
 
 class _NoDeliveries:

@@ -48,6 +48,7 @@ def run_env(**overrides: str) -> dict[str, str]:
         "MQGATE_GATEWAYS__MQTTSN__ADVERTISE_INTERVAL": "0",
         "MQGATE_GATEWAYS__COAP__BIND": "127.0.0.1:0",
         "MQGATE_GATEWAYS__LWM2M__BIND": "127.0.0.1:0",
+        "MQGATE_API__BIND": "127.0.0.1:0",
     }
     return clean_env(**{**defaults, **overrides})
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -48,18 +45,12 @@ from core.mqtt.codec import (
 from core.mqtt.numbers import ReasonCode
 from tests.conftest import RunningBroker
 from tests.integration.helpers import TIMEOUT, Clients
+from tests.integration.mosquitto import Mosquitto, free_port, mosquittos_fixture
 
 T = TypeVar("T")
 
 VERSIONS = pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
 needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
@@ -90,91 +81,10 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 # --- mosquitto
 
 
-class Mosquitto:
-    """mosquitto on a fixed loopback port with its own config; ``users`` adds a password file, ``tls`` a
-    certificate and key."""
-
-    def __init__(
-        self, directory: Path, users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None
-    ) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.host = "127.0.0.1"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = directory / "mosquitto.log"
-        lines = [f"listener {self.port} 127.0.0.1"]
-        if os.geteuid() == 0:  # mosquitto drops root to its own user, which cannot read pytest's tmp dirs
-            lines.insert(0, f"user {pwd.getpwuid(os.geteuid()).pw_name}")
-        if users:
-            password_file = directory / "passwords"
-            for number, (user, password) in enumerate(users.items()):
-                create = ["-c"] if number == 0 else []
-                subprocess.run(
-                    ["mosquitto_passwd", "-b", *create, str(password_file), user, password],
-                    check=True,
-                    capture_output=True,
-                    timeout=TIMEOUT,
-                )
-            lines += ["allow_anonymous false", f"password_file {password_file}"]
-        else:
-            lines.append("allow_anonymous true")
-        if tls is not None:
-            lines += [f"certfile {tls[0]}", f"keyfile {tls[1]}"]
-        self.config = directory / "mosquitto.conf"
-        self.config.write_text("\n".join(lines) + "\n")
-
-    def start(self) -> None:
-        """Start and wait (bounded) until it accepts connections."""
-        assert self.process is None or self.process.poll() is not None
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                ["mosquitto", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {self.log.read_text()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() >= deadline:
-                    raise AssertionError(f"mosquitto not accepting: {self.log.read_text()}") from None
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash: no DISCONNECT to anyone."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(TIMEOUT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
 def mosquittos(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """``mosquittos(users={...})``: a started mosquitto, stopped by PID at the end of the test."""
-    started: list[Mosquitto] = []
-
-    def start(users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> Mosquitto:
-        directory = tmp_path / f"mosquitto{len(started)}"
-        directory.mkdir()
-        broker = Mosquitto(directory, users, tls)
-        started.append(broker)
-        broker.start()
-        return broker
-
-    try:
-        yield start
-    finally:
-        for broker in started:
-            broker.stop()
+    yield from mosquittos_fixture(tmp_path)
 
 
 @pytest.fixture
