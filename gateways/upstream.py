@@ -287,7 +287,13 @@ class UpstreamBroker:
         self.store.close()
 
     def _client(
-        self, client_id: str, *, clean_start: bool, will: WillSpec | None, credentials: Credentials | None
+        self,
+        client_id: str,
+        *,
+        clean_start: bool,
+        will: WillSpec | None,
+        credentials: Credentials | None,
+        keepalive: int = 0,
     ) -> MqttClient:
         config = self.config
         username = config.username or None
@@ -301,7 +307,7 @@ class UpstreamBroker:
             protocol_version=config.protocol_version,
             username=username,
             password=password if username is not None or config.protocol_version == 5 else None,
-            keepalive=config.keepalive,
+            keepalive=keepalive or config.keepalive,
             clean_start=clean_start,
             will=will,
             ssl=self.ssl,
@@ -357,8 +363,12 @@ class UpstreamBroker:
             upstream_will = (
                 WillSpec(will.topic, will.payload, will.qos, will.retain, will.properties) if will else None
             )
-            connection = self._client(
-                stream, clean_start=clean_start, will=upstream_will, credentials=credentials
+            connection = self._client(  # the device's keepalive, clean session and will carried over
+                stream,
+                clean_start=clean_start,
+                will=upstream_will,
+                credentials=credentials,
+                keepalive=min(client.keepalive, 65535),
             )
             try:
                 connack = await connection.connect()

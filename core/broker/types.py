@@ -80,6 +80,7 @@ class ClientInfo:
     username: str | None = None
     protocol_version: int = 4
     peer_cert: bytes | None = None  # the DER client certificate of a TLS/DTLS connection
+    keepalive: int = 0  # seconds, as the device asked (carried to the upstream connection in edge mode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,11 @@ async def open_channel_session(
     """Authenticate the client of a CONNECT and open its broker session, then tell the channel (which queues
     the CONNACK); shared by every link the gateway runs on. The caller flushes the gateway afterwards."""
     client = ClientInfo(
-        config.clientid_prefix + channel.client_id, "mqttsn", str(channel.peer), config.username or None
+        config.clientid_prefix + channel.client_id,
+        "mqttsn",
+        str(channel.peer),
+        config.username or None,
+        keepalive=channel.keepalive,
     )
     credentials = Credentials(config.username or None, config.password.encode() if config.password else None)
     try:
