@@ -586,7 +586,7 @@ def test_v311_qos2_resend_is_acknowledged_and_not_delivered_twice(
     mqgate: RunningBroker, clients: Clients
 ) -> None:
     sub = clients.paho(mqgate.port, "q2-sub", version=4)
-    assert sub.subscribe("q2/#", 2) == 2
+    assert sub.subscribe("q2/#", 1) == 1  # paho hands QoS 2 over at PUBREL: the QoS 0 sentinel could pass it
     raw = clients.raw(mqgate.port, version=4)
     raw.connect("q2-pub")
     raw.publish("q2/a", b"once", 2, packet_id=9)
