@@ -3,6 +3,7 @@ datagram core (DESIGN §1), the session requests the adapter opens, counters, an
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -13,7 +14,7 @@ __all__ = ["CoapApplication"]
 R = TypeVar("R")
 
 
-class CoapApplication(Generic[R]):
+class CoapApplication(ABC, Generic[R]):
     """A gateway on one :class:`CoapEndpoint`: subclasses handle the endpoint's events in
     :meth:`_handle_event` and their periodic duties in :meth:`_sweep` (every ``sweep_interval`` seconds)."""
 
@@ -51,8 +52,10 @@ class CoapApplication(Generic[R]):
         if event is not None:
             self._handle_event(event, now)
 
+    @abstractmethod
     def _handle_event(self, event: Event, now: float) -> None:
-        raise NotImplementedError
+        """React to one event of the message layer."""
 
+    @abstractmethod
     def _sweep(self, now: float) -> None:
-        raise NotImplementedError
+        """The periodic duties (expiry, idle clients)."""

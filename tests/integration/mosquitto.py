@@ -37,6 +37,9 @@ def free_port() -> int:
         return port
 
 
+POLL_INTERVAL = 0.02
+
+
 class Mosquitto:
     """mosquitto on a fixed loopback port with its own config; ``users`` adds a password file, ``tls`` a
     certificate and key, ``persistence`` keeps sessions and queued messages across a :meth:`stop`; ``port``
@@ -102,7 +105,7 @@ class Mosquitto:
             except OSError:
                 if time.monotonic() >= deadline:
                     raise AssertionError(f"mosquitto not accepting: {self.log.read_text()}") from None
-                time.sleep(0.02)
+                time.sleep(POLL_INTERVAL)  # polling for readiness, bounded by the deadline
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no DISCONNECT to anyone, nothing saved."""

@@ -45,7 +45,7 @@ from core.mqtt.codec import (
 from core.mqtt.numbers import ReasonCode
 from tests.conftest import RunningBroker
 from tests.integration.helpers import TIMEOUT, Clients
-from tests.integration.mosquitto import Mosquitto, free_port, mosquittos_fixture
+from tests.integration.mosquitto import POLL_INTERVAL, Mosquitto, free_port, mosquittos_fixture
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ async def eventually(condition: Callable[[], Any], timeout: float = TIMEOUT) -> 
             return result
         if loop.time() >= deadline:
             raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(POLL_INTERVAL)  # polling, bounded by the deadline
 
 
 async def next_of(queue: asyncio.Queue[T], timeout: float = TIMEOUT) -> T:
