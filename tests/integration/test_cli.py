@@ -158,7 +158,7 @@ def test_print_config_prints_the_defaults_as_toml() -> None:
     result = run_cli("--print-config")
     assert result.returncode == 0, result.stderr
     data = tomllib.loads(result.stdout)
-    assert data["listeners"]["tcp"]["bind"] == "0.0.0.0:1883"
+    assert data["listeners"]["tcp"]["bind"] == "0.0.0.0:1883"  # the printed default; nothing binds it
     assert data["broker"]["max_inflight"] == 32
     assert data["broker"]["max_mqueue_len"] == 1000
     assert build_section(Config, data) == Config()
@@ -225,7 +225,7 @@ def test_unknown_key_in_the_config_file_exits_2_with_one_line_naming_it(
     ("toml", "names"),
     [
         ('[broker]\nmax_inflight = "many"\n', "broker.max_inflight"),
-        ("[listeners.tcp]\nbind = 1883\n", "listeners.tcp.bind"),
+        ("[listeners.tcp]\nbind = 1883\n", "listeners.tcp.bind"),  # an int: refused before anything binds
         ("[broker]\nmqueue_store_qos0 = 1\n", "broker.mqueue_store_qos0"),
         ('[broker]\nshared_subscription_strategy = "fastest"\n', "broker.shared_subscription_strategy"),
         ('[listeners.tcp]\nbind = "localhost:x"\n', "listeners.tcp.bind"),
