@@ -32,6 +32,7 @@ from core.auth.userdb import UserDb
 from core.broker.types import ClientInfo, Credentials
 from core.clock import MonotonicClock
 from core.config import AclConfig, AuthConfig, RewriteRuleConfig
+from core.logging import client_fields
 from core.mqtt.numbers import ReasonCode
 from core.topics import parse_shared
 
@@ -74,6 +75,7 @@ class AuthStats:
     acl_denied_subscribe: int = 0
     acl_cache_hits: int = 0
     wills_denied: int = 0
+    handshake_failure: int = 0  # TLS and WebSocket handshakes that failed, timed out or were refused
 
 
 class AccessControl:
@@ -127,7 +129,12 @@ class AccessControl:
         )
         self._open_checks = not self._acl_on and self.rewriter is None
         self.checks_enabled = not self._open_checks  # callers on hot paths may skip the calls when False
-        self._open_auth = auth.allow_anonymous and not self.chain and not auth.max_failures_per_min
+        self._open_auth = (
+            auth.allow_anonymous
+            and not self.chain
+            and not auth.max_failures_per_min
+            and not (auth.peer_cert_as_username or auth.peer_cert_as_clientid)
+        )
         self._cache_ttl = acl.cache_ttl
         self._cache: dict[str, dict[tuple[str, str], tuple[float, str, bool]]] = {}
         self._grants: dict[str, _Grant] = {}  # what authentication granted beyond the ACL, by client id
@@ -155,24 +162,40 @@ class AccessControl:
 
     def authenticate(self, client: ClientInfo, credentials: Credentials) -> int:
         """0 (allowed) or the MQTT 5 CONNACK reason code: 0x86 bad credentials, 0x87 not authorised (an
-        anonymous client when anonymous access is off), 0x8A banned (too many failures from the address)."""
+        anonymous client when anonymous access is off, a certificate without the configured field), 0x8A
+        banned (too many failures from the address).
+
+        With ``peer_cert_as_username`` a verified client certificate is the credential (mosquitto's
+        ``use_identity_as_username``): the sources of the chain are not consulted for that client."""
         client_id = client.client_id
         self._forget(client_id)
         if self._open_auth:
             return 0
         auth = self.auth_config
         host = peer_host(client.peer)
-        limit = auth.max_failures_per_min
-        if limit:
-            failures = self._failures.get(host)
-            if failures is not None:
-                cutoff = self.clock() - 60.0
-                while failures and failures[0] <= cutoff:
-                    failures.popleft()
-                if len(failures) >= limit:
-                    self.stats.auth_banned += 1
-                    log.warning("refused %s (%s): too many authentication failures", client_id, client.peer)
-                    return ReasonCode.BANNED
+        if self._banned(host):
+            self.stats.auth_banned += 1
+            log.warning(
+                "refused %s (%s): too many authentication failures",
+                client_id,
+                client.peer,
+                extra=client_fields(client_id, client.peer, client.protocol),
+            )
+            return ReasonCode.BANNED
+        if client.peer_cert is not None and (auth.peer_cert_as_username or auth.peer_cert_as_clientid):
+            refusal = self._certificate_refusal(client, client.peer_cert)
+            if refusal:
+                return self._failed(client, host, ReasonCode.NOT_AUTHORIZED, refusal)
+            if auth.peer_cert_as_username:
+                self.stats.auth_success += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "client %s (%s) authenticated by its certificate",
+                        client_id,
+                        client.peer,
+                        extra=client_fields(client_id, client.peer, client.protocol),
+                    )
+                return 0
         password = credentials.password
         username = credentials.username if credentials.username is not None else client.username
         if password is not None and len(password) > auth.max_credential_size:
@@ -181,7 +204,14 @@ class AccessControl:
             verdict, reason = self._ask(source, client, username, password)
             if verdict == _ALLOW:
                 self.stats.auth_success += 1
-                log.debug("client %s (%s) authenticated by %s", client_id, client.peer, source)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "client %s (%s) authenticated by %s",
+                        client_id,
+                        client.peer,
+                        source,
+                        extra=client_fields(client_id, client.peer, client.protocol),
+                    )
                 return 0
             if verdict == _DENY:
                 return self._failed(client, host, ReasonCode.BAD_USER_NAME_OR_PASSWORD, f"{source}: {reason}")
@@ -191,6 +221,43 @@ class AccessControl:
         if username is None and password is None:
             return self._failed(client, host, ReasonCode.NOT_AUTHORIZED, "anonymous access is disabled")
         return self._failed(client, host, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "unknown user")
+
+    def _certificate_refusal(self, client: ClientInfo, cert: bytes) -> str:
+        """Why the certificate does not give the user name and client id that :meth:`identify` set ("" when
+        it does): a certificate without the configured field must not let the client choose its identity."""
+        auth = self.auth_config
+        for field, value, what in (
+            (auth.peer_cert_as_username, client.username, "user name"),
+            (auth.peer_cert_as_clientid, client.client_id, "client id"),
+        ):
+            if field and cert_identity(cert, field) != value:
+                return f"the client certificate gives no {field} for the {what}"
+        return ""
+
+    def _banned(self, host: str) -> bool:
+        """Whether ``host`` reached ``auth.max_failures_per_min`` failures in the last 60 seconds."""
+        limit = self.auth_config.max_failures_per_min
+        failures = self._failures.get(host) if limit else None
+        if failures is None:
+            return False
+        cutoff = self.clock() - 60.0
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+        return len(failures) >= limit
+
+    def refuses_address(self, peer: str) -> bool:
+        """Whether a new connection from ``peer`` is refused before its TLS or WebSocket handshake because
+        its address is banned (``auth.max_failures_per_min``); counted as ``auth_banned``."""
+        if not self._banned(peer_host(peer)):
+            return False
+        self.stats.auth_banned += 1
+        return True
+
+    def handshake_failed(self, peer: str) -> None:
+        """A TLS or WebSocket handshake from ``peer`` failed (the listener logs why): it counts as an
+        authentication failure of the address towards ``auth.max_failures_per_min``."""
+        self.stats.handshake_failure += 1
+        self._record_failure(peer_host(peer))
 
     def _ask(
         self, source: str, client: ClientInfo, username: str | None, password: bytes | None
@@ -229,8 +296,17 @@ class AccessControl:
     def _failed(self, client: ClientInfo, host: str, code: int, reason: str) -> int:
         self.stats.auth_failure += 1
         log.warning(
-            "authentication of %r (%s, %s) failed: %s", client.client_id, client.protocol, client.peer, reason
+            "authentication of %r (%s, %s) failed: %s",
+            client.client_id,
+            client.protocol,
+            client.peer,
+            reason,
+            extra=client_fields(client.client_id, client.peer, client.protocol),
         )
+        self._record_failure(host)
+        return code
+
+    def _record_failure(self, host: str) -> None:
         if self.auth_config.max_failures_per_min:
             failures = self._failures.get(host)
             if failures is None:
@@ -238,7 +314,6 @@ class AccessControl:
                     self._failures.pop(next(iter(self._failures)))
                 failures = self._failures[host] = deque()
             failures.append(self.clock())
-        return code
 
     def _forget(self, client_id: str) -> None:
         if self._grants or self._cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import urllib.request
 
@@ -24,13 +25,14 @@ def _fetch(url: str) -> bytes:
 
 
 async def refresh_jwks(authenticator: JwtAuthenticator) -> None:
-    """Fetch the JWKS URL now and every ``jwks_refresh_interval`` seconds; a failure keeps the old keys."""
+    """Fetch the JWKS URL now and every ``jwks_refresh_interval`` seconds; a failure (unreachable, an HTTP
+    error, a document that is not a JWKS with a usable key) is logged and keeps the last good key set."""
     config = authenticator.config
     url = config.jwks_url
     while True:
         try:
             authenticator.load_jwks(await asyncio.to_thread(_fetch, url))
             log.debug("JWKS refreshed from %s", url)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot refresh the JWKS from %s: %s", url, exc)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.warning("cannot refresh the JWKS from %s (the last key set is kept): %s", url, exc)
         await asyncio.sleep(config.jwks_refresh_interval)

@@ -76,8 +76,11 @@ class JwtAuthenticator:
     def load_jwks(self, data: bytes) -> None:
         """Replace the key set with a JWKS document; raises ValueError if it holds no usable key."""
         try:
-            key_set = jwt.PyJWKSet.from_dict(json.loads(data))
-        except (jwt.PyJWKSetError, jwt.InvalidKeyError, json.JSONDecodeError, TypeError) as exc:
+            document = json.loads(data)
+            if not isinstance(document, dict):
+                raise TypeError("not a JSON object")
+            key_set = jwt.PyJWKSet.from_dict(document)
+        except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
             raise ValueError(f"invalid JWKS: {exc}") from None
         self._jwks_keys = list(key_set.keys)
         self._jwks = {k.key_id: k for k in key_set.keys if k.key_id}

@@ -3,9 +3,11 @@ configuration, and the handshake in front of the connection's protocol.
 
 The listener accepts sockets itself and runs each handshake with :meth:`asyncio.loop.connect_accepted_socket`
 (``ssl_handshake_timeout``) rather than ``create_server(ssl=...)``, so that a failed or never-completed
-handshake is seen: one log line naming the peer and the cause, and a counter on the listener, instead of
-asyncio's debug-only report. (``start_tls`` on an accepted connection loses the ClientHello on uvloop, which
-starts reading as soon as the plain connection is made.)
+handshake is seen: one log line naming the peer and the cause, a counter on the listener and in
+``mqgate_auth{result="handshake_failure"}``, instead of asyncio's debug-only report. Each failure counts
+towards the address's ban (``auth.max_failures_per_min``, as bad passwords do); a banned address's
+connections are closed before any handshake. (``start_tls`` on an accepted connection loses the ClientHello
+on uvloop, which starts reading as soon as the plain connection is made.)
 """
 
 from __future__ import annotations

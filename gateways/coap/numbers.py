@@ -39,7 +39,7 @@ def make_code(cls: int, detail: int) -> int:
 
 
 class Code(IntEnum):
-    """Method and response codes (RFC 7252 §5.8, §5.9, §12.1; RFC 7959 §2.9; RFC 8132 §2-§3)."""
+    """Method and response codes (RFC 7252 §5.8, §5.9, §12.1; RFC 7959 §2.9; RFC 8132 §2-§3; RFC 8516)."""
 
     EMPTY = 0x00
     GET = 0x01
@@ -70,6 +70,7 @@ class Code(IntEnum):
     REQUEST_ENTITY_TOO_LARGE = 0x8D  # 4.13, RFC 7959 §2.9.3
     UNSUPPORTED_CONTENT_FORMAT = 0x8F  # 4.15
     UNPROCESSABLE_ENTITY = 0x96  # 4.22, RFC 8132 §3.4
+    TOO_MANY_REQUESTS = 0x9D  # 4.29, RFC 8516 §3
 
     INTERNAL_SERVER_ERROR = 0xA0  # 5.00
     NOT_IMPLEMENTED = 0xA1

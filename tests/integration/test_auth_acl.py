@@ -4,19 +4,24 @@ datagrams with the project codec), CoAP (coap-client-notls) and LwM2M (the simul
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import aiocoap
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from core.auth.hashing import hash_password
 from gateways.mqttsn import codec
+from gateways.mqttsn.numbers import ReturnCode
 from tests.integration.coap_helpers import coap_client, coap_uri
-from tests.integration.helpers import Clients, wait_for
+from tests.integration.helpers import TIMEOUT, Clients, wait_for
 from tests.integration.lwm2m_device import DeviceFactory, device_fixture
 from tests.integration.mqttsn_helpers import sn_clients, sn_port
 
@@ -130,6 +135,127 @@ def test_mqtt_jwt_verified_with_a_local_jwks_file_and_its_acl_claim(
     assert wrong_sub.connack is not None and wrong_sub.connack.reason_code == BAD_CREDENTIALS
 
 
+class JwksServer:
+    """A JWKS endpoint on 127.0.0.1 (``http.server`` in a thread): ``serve`` changes what it answers and
+    ``wait_refreshed`` waits (with a deadline) until the broker loaded that answer, by counting fetches."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body = b""
+        self.requests = 0
+        self._served_from = 0  # the fetches after this one get the current answer
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.requests += 1
+                    status, body = server.status, server.body
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="jwks-server", daemon=True)
+        self._thread.start()
+
+    def serve(self, body: bytes, status: int = 200) -> None:
+        with self._lock:
+            self.status, self.body = status, body
+            self._served_from = self.requests
+
+    def wait_refreshed(self) -> None:
+        """The broker fetches one at a time: once it asks a second time after ``serve``, the first answer
+        with the new content has been loaded (or refused)."""
+        wait_for(lambda: self.requests >= self._served_from + 2)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+def _jwks(**keys: ec.EllipticCurvePrivateKey) -> bytes:
+    """A JWKS document with the public half of each key, under its kid."""
+    entries = []
+    for kid, key in keys.items():
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk.update(kid=kid, alg="ES256", use="sig")
+        entries.append(jwk)
+    return json.dumps({"keys": entries}).encode()
+
+
+def _es256(key: ec.EllipticCurvePrivateKey, kid: str, subject: str) -> str:
+    claims = {"sub": subject, "exp": int(time.time()) + 300}
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+
+
+def _jwt_broker(start_broker: Any, server: JwksServer) -> Any:
+    jwt_config = {"jwks_url": server.url, "jwks_refresh_interval": 0.05, "verify_claims": {"sub": "%u"}}
+    return start_broker(auth={"allow_anonymous": False, "jwt": jwt_config})
+
+
+def test_mqtt_jwt_keys_follow_a_rotation_of_the_jwks_url(
+    start_broker: Any, clients: Clients, jwks_server: JwksServer
+) -> None:
+    key1, key2 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    jwks_server.serve(_jwks(k1=key1))
+    running = _jwt_broker(start_broker, jwks_server)
+    jwks_server.wait_refreshed()
+
+    def connack(client_id: str, key: ec.EllipticCurvePrivateKey, kid: str) -> int:
+        token = _es256(key, kid, "dev")
+        client = clients.paho(running.port, client_id, username="dev", password=token, check=False)
+        assert client.connack is not None
+        return client.connack.reason_code
+
+    assert connack("before-1", key1, "k1") == 0
+    assert connack("before-2", key2, "k2") == BAD_CREDENTIALS
+    jwks_server.serve(_jwks(k2=key2))
+    jwks_server.wait_refreshed()
+    assert connack("after-2", key2, "k2") == 0
+    assert connack("after-1", key1, "k1") == BAD_CREDENTIALS
+    assert running.call(lambda: running.broker.access.stats.auth_failure) == 2
+
+
+def test_mqtt_jwks_url_failures_keep_the_last_good_keys(
+    start_broker: Any, clients: Clients, jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage, an HTTP error, JSON that is not a key set and an unreachable URL are each logged; the key
+    set loaded before stays in use and the refresh goes on."""
+    caplog.set_level(logging.WARNING, "mqgate.auth")
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwks_server.serve(_jwks(k1=key))
+    running = _jwt_broker(start_broker, jwks_server)
+    jwks_server.wait_refreshed()
+    for number, (body, status) in enumerate(
+        [(b"<html>not json", 200), (b"{}", 500), (b"[1, 2]", 200), (b'{"keys": [{"kty": "EC"}]}', 200)]
+    ):
+        caplog.clear()
+        jwks_server.serve(body, status)
+        jwks_server.wait_refreshed()
+        assert f"cannot refresh the JWKS from {jwks_server.url}" in caplog.text
+        clients.paho(running.port, f"still-{number}", username="dev", password=_es256(key, "k1", "dev"))
+    caplog.clear()
+    jwks_server.close()
+    wait_for(lambda: "Connection refused" in caplog.text)
+    clients.paho(running.port, "unreachable", username="dev", password=_es256(key, "k1", "dev"))
+
+
 # --- MQTT: authorisation
 
 
@@ -230,11 +356,11 @@ def test_mqttsn_denied_publish_and_subscribe_get_return_code_3(start_broker: Any
         device = sn.raw()
         device.connect("sn-dev")
         suback = device.subscribe("secret/cmd", 1, check=False)
-        assert suback.return_code == codec.ReturnCode.NOT_SUPPORTED
+        assert suback.return_code == ReturnCode.NOT_SUPPORTED
         topic_id = device.register("secret/up")
         mid = device.publish(topic_id, b"x", 1)
         puback = device.expect(codec.Puback)
-        assert (puback.msg_id, puback.return_code) == (mid, codec.ReturnCode.NOT_SUPPORTED)
+        assert (puback.msg_id, puback.return_code) == (mid, ReturnCode.NOT_SUPPORTED)
         ok = device.register("open/up")
         device.publish_acked(ok, b"fine", 1)
         assert watcher.expect().topic == "open/up"
@@ -256,6 +382,30 @@ def test_coap_denied_publish_is_4_03_and_bad_password_4_01(start_broker: Any, tm
     assert coap_client(coap_uri(running, "mqtt/open/t", query), "put", payload=b"x").code == "4.01"
     query["password"] = "pw"
     assert coap_client(coap_uri(running, "mqtt/open/t", query), "put", payload=b"x").code == "2.04"
+
+
+def test_banned_address_gets_coap_4_29_mqttsn_congestion_and_mqtt_0x8a(
+    start_broker: Any, clients: Clients, devices: DeviceFactory, tmp_path: Path
+) -> None:
+    """Once an address is over ``auth.max_failures_per_min``, every protocol refuses it with its
+    "too many requests, retry later" answer: CoAP and LwM2M 4.29 (RFC 8516; Max-Age defaults to the 60 s
+    window), MQTT-SN CONNACK "rejected: congestion", MQTT CONNACK 0x8A (banned)."""
+    running = start_broker(
+        auth={"password_file": _password_file(tmp_path, coapuser="pw"), "max_failures_per_min": 2}
+    )
+    for attempt in range(2):
+        query = {"c": f"bad{attempt}", "username": "coapuser", "password": "wrong"}
+        assert coap_client(coap_uri(running, "mqtt/open/t", query), "put", payload=b"x").code == "4.01"
+    query = {"c": "good", "username": "coapuser", "password": "pw"}
+    assert coap_client(coap_uri(running, "mqtt/open/t", query), "put", payload=b"x").code == "4.29"
+    with sn_clients(sn_port(running)) as sn:
+        connack = sn.raw().connect("sn-banned", check=False)
+        assert connack.return_code == ReturnCode.CONGESTION
+    banned = clients.paho(running.port, "mqtt-banned", username="coapuser", password="pw", check=False)
+    assert banned.connack is not None and banned.connack.reason_code == BANNED
+    device = devices("lwm2m-banned", running.app.listeners["lwm2m:udp"].port)
+    assert device.register(check=False).code == aiocoap.numbers.codes.Code.TOO_MANY_REQUESTS
+    assert running.call(lambda: running.broker.access.stats.auth_banned) == 4
 
 
 # --- LwM2M

@@ -9,24 +9,20 @@ certificate; nothing is committed.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
-import queue
 import socket
 import ssl
-import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
@@ -34,6 +30,7 @@ from websockets.typing import Origin, Subprotocol
 from core.listeners.websocket import parse_proxy_header
 from tests.conftest import RunningBroker
 from tests.integration.helpers import TIMEOUT, wait_for
+from tests.integration.tls_helpers import TlsClient, issue, write_pair
 
 StartBroker = Callable[..., RunningBroker]
 
@@ -58,55 +55,15 @@ class Pki:
     chained_key: Path
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: str,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write_pair(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{stem}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     import ipaddress
 
     directory = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("mqgate test CA", ca_key, "mqgate test CA", ca_key, ca=True)
+    ca = issue("mqgate test CA", ca_key, "mqgate test CA", ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _issue(
+    server = issue(
         "mqgate-test-server",
         server_key,
         "mqgate test CA",
@@ -114,20 +71,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     )
     sni_key = ec.generate_private_key(ec.SECP256R1())
-    sni = _issue(SNI_NAME, sni_key, "mqgate test CA", ca_key, sans=[x509.DNSName(SNI_NAME)])
+    sni = issue(SNI_NAME, sni_key, "mqgate test CA", ca_key, sans=[x509.DNSName(SNI_NAME)])
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _issue("device-42", client_key, "mqgate test CA", ca_key)
+    client = issue("device-42", client_key, "mqgate test CA", ca_key)
     intermediate_key = ec.generate_private_key(ec.SECP256R1())
-    intermediate = _issue("mqgate test intermediate", intermediate_key, "mqgate test CA", ca_key, ca=True)
+    intermediate = issue("mqgate test intermediate", intermediate_key, "mqgate test CA", ca_key, ca=True)
     chained_key = ec.generate_private_key(ec.SECP256R1())
-    chained = _issue("device-chained", chained_key, "mqgate test intermediate", intermediate_key)
-    _write_pair(directory, "chained", chained, chained_key)
+    chained = issue("device-chained", chained_key, "mqgate test intermediate", intermediate_key)
+    write_pair(directory, "chained", chained, chained_key)
     with (directory / "chained.pem").open("ab") as chain:
         chain.write(intermediate.public_bytes(serialization.Encoding.PEM))
     (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_pair(directory, "server", server, server_key)
-    _write_pair(directory, "sni", sni, sni_key)
-    _write_pair(directory, "client", client, client_key)
+    write_pair(directory, "server", server, server_key)
+    write_pair(directory, "sni", sni, sni_key)
+    write_pair(directory, "client", client, client_key)
     return Pki(
         ca=directory / "ca.pem",
         server_cert=directory / "server.pem",
@@ -162,69 +119,12 @@ def _client_context(pki: Pki, *, with_cert: bool = False) -> ssl.SSLContext:
 # --- paho clients over TLS and WebSocket
 
 
-class Client:
-    """A connected paho client (network loop in a thread) with a queue of the messages it receives."""
-
-    def __init__(
-        self,
-        port: int,
-        client_id: str,
-        *,
-        version: int = 4,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        context: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
-        self.connected = threading.Event()
-        self.reason_code: int | None = None
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if version == 5 else paho.MQTTv311,
-            transport=transport,
-            reconnect_on_failure=False,
-        )
-        if transport == "websockets":
-            self.client.ws_set_options(path="/mqtt")
-        if context is not None:
-            self.client.tls_set_context(context)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda client, userdata, message: self.messages.put(message)
-        self.client.connect(server_hostname or "127.0.0.1", port, keepalive=30)
-        self.client.loop_start()
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        self.reason_code = int(rc.value)
-        self.connected.set()
-
-    def wait_connected(self) -> None:
-        assert self.connected.wait(TIMEOUT), "no CONNACK"
-        assert self.reason_code == 0
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        granted = threading.Event()
-        self.client.on_subscribe = lambda *args: granted.set()
-        self.client.subscribe(topic, qos)
-        assert granted.wait(TIMEOUT), "no SUBACK"
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        self.client.publish(topic, payload, qos).wait_for_publish(TIMEOUT)
-
-    def receive(self) -> paho.MQTTMessage:
-        return self.messages.get(timeout=TIMEOUT)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def clients() -> Iterator[Callable[..., Client]]:
-    owned: list[Client] = []
+def clients() -> Iterator[Callable[..., TlsClient]]:
+    owned: list[TlsClient] = []
 
-    def make(port: int, client_id: str, **kwargs: Any) -> Client:
-        client = Client(port, client_id, **kwargs)
+    def make(port: int, client_id: str, **kwargs: Any) -> TlsClient:
+        client = TlsClient(port, client_id, **kwargs)
         owned.append(client)
         client.wait_connected()
         return client
@@ -279,7 +179,7 @@ def _mqtt_over(ws: ClientConnection, client_id: str) -> bytes:
 
 @pytest.mark.parametrize("version", [4, 5])
 def test_tls_verify_none_carries_paho_publish_and_subscribe(
-    start_broker: StartBroker, clients: Callable[..., Client], pki: Pki, version: int
+    start_broker: StartBroker, clients: Callable[..., TlsClient], pki: Pki, version: int
 ) -> None:
     broker = start_broker(listeners={"tls": _tls_options(pki)})
     port = _port(broker, "mqtt:tls")
@@ -292,7 +192,7 @@ def test_tls_verify_none_carries_paho_publish_and_subscribe(
 
 
 def test_tls_verify_peer_hands_the_client_certificate_to_the_session(
-    start_broker: StartBroker, clients: Callable[..., Client], pki: Pki
+    start_broker: StartBroker, clients: Callable[..., TlsClient], pki: Pki
 ) -> None:
     broker = start_broker(listeners={"tls": _tls_options(pki, verify="verify_peer", cacertfile=str(pki.ca))})
     port = _port(broker, "mqtt:tls")
@@ -397,8 +297,80 @@ def test_tls_handshake_that_never_completes_is_closed_by_the_timeout(
     assert broker.call(lambda: len(broker.app.listeners["mqtt:tls"].connections)) == 0  # type: ignore[attr-defined]
 
 
+def _metric(broker: RunningBroker, name: str, **labels: str) -> float:
+    """One sample of ``GET /metrics`` on the broker's API."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{broker.app.api.url}/metrics", timeout=TIMEOUT) as response:  # type: ignore[union-attr]
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_failed_tls_handshakes_count_towards_the_address_ban(
+    start_broker: StartBroker, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage instead of a ClientHello, a certificate from an unknown CA and a handshake that never
+    completes each count as a failure of the address (``auth.max_failures_per_min``); once over the limit,
+    the TLS listener closes the address's connections before any handshake and the TCP listener answers
+    CONNACK 0x8A (banned)."""
+    caplog.set_level(logging.WARNING, "mqgate.listener")
+    broker = start_broker(
+        auth={"max_failures_per_min": 3},
+        listeners={
+            "tls": _tls_options(
+                pki,
+                verify="verify_peer",
+                cacertfile=str(pki.ca),
+                fail_if_no_peer_cert=True,
+                handshake_timeout=0.3,
+            )
+        },
+    )
+    port = _port(broker, "mqtt:tls")
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        raw.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")  # plain MQTT CONNECT
+        assert _closed_by_peer(raw)
+    wait_for(lambda: _handshake_failures(broker, "mqtt:tls") == 1)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    write_pair(tmp_path, "stranger", issue("alice", stranger_key, "rogue CA", rogue_key), stranger_key)
+    context = _client_context(pki)
+    context.load_cert_chain(str(tmp_path / "stranger.pem"), str(tmp_path / "stranger.key"))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(_connect_packet("stranger"))
+        if not tls.recv(16):
+            raise ConnectionResetError("closed without CONNACK")
+    wait_for(lambda: _handshake_failures(broker, "mqtt:tls") == 2)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        assert _closed_by_peer(raw)  # silent: closed after handshake_timeout
+    wait_for(lambda: _handshake_failures(broker, "mqtt:tls") == 3)
+    failures = [r.getMessage() for r in caplog.records if "TLS handshake with 127.0.0.1:" in r.getMessage()]
+    assert len(failures) == 3, failures  # one line per failure, naming the peer and the cause
+    assert _metric(broker, "mqgate_auth_total", result="handshake_failure") == 3
+    # over the limit: a client with a good certificate is closed before its handshake
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+    ):
+        _client_context(pki, with_cert=True).wrap_socket(raw, server_hostname="127.0.0.1")
+    wait_for(lambda: "refusing 127.0.0.1:" in caplog.text)
+    assert _handshake_failures(broker, "mqtt:tls") == 3
+    assert broker.call(lambda: broker.broker.access.stats.auth_banned) == 1
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=TIMEOUT) as plain:
+        plain.sendall(_connect_packet("plain"))
+        assert plain.recv(4) == b"\x20\x02\x00\x05"  # v3.1.1: 0x8A is sent as 5, not authorised
+
+
 def test_tls_and_wss_accept_clients_on_uvloop(
-    start_broker: StartBroker, clients: Callable[..., Client], pki: Pki, monkeypatch: pytest.MonkeyPatch
+    start_broker: StartBroker, clients: Callable[..., TlsClient], pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """uvloop starts reading as soon as a plain connection is made, so a TLS layer added afterwards
     (``start_tls``) would lose the ClientHello; the listeners must work on uvloop as on asyncio."""
@@ -439,7 +411,7 @@ def _ws_options(**extra: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("version", [4, 5])
 def test_ws_paho_publishes_to_a_tcp_subscriber_and_back(
-    start_broker: StartBroker, clients: Callable[..., Client], version: int
+    start_broker: StartBroker, clients: Callable[..., TlsClient], version: int
 ) -> None:
     broker = start_broker(listeners={"ws": _ws_options()})
     ws_client = clients(_port(broker, "mqtt:ws"), "ws-client", version=version, transport="websockets")
@@ -453,7 +425,7 @@ def test_ws_paho_publishes_to_a_tcp_subscriber_and_back(
 
 
 def test_wss_paho_publishes_to_a_tcp_subscriber_and_back(
-    start_broker: StartBroker, clients: Callable[..., Client], pki: Pki
+    start_broker: StartBroker, clients: Callable[..., TlsClient], pki: Pki
 ) -> None:
     broker = start_broker(listeners={"wss": _tls_options(pki)})
     wss_client = clients(

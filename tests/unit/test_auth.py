@@ -264,6 +264,25 @@ def test_failures_per_address_are_rate_limited_then_forgotten(tmp_path: Path) ->
     assert access.stats.auth_banned == 1
 
 
+def test_handshake_failures_count_towards_the_ban_and_refuse_the_address() -> None:
+    clock = Clock()
+    access = AccessControl(AuthConfig(max_failures_per_min=2), clock=clock)
+    assert not access.refuses_address("10.0.0.5:1")
+    access.handshake_failed("10.0.0.5:1")
+    access.handshake_failed("10.0.0.5:2")
+    assert access.stats.handshake_failure == 2
+    assert access.refuses_address("10.0.0.5:3")
+    assert not access.refuses_address("10.0.0.6:3")
+    assert access.authenticate(client(), creds(None, None)) == ReasonCode.BANNED
+    assert access.stats.auth_banned == 2
+    clock.now += 61
+    assert not access.refuses_address("10.0.0.5:4")
+    unlimited = AccessControl(AuthConfig())
+    unlimited.handshake_failed("10.0.0.5:1")
+    assert not unlimited.refuses_address("10.0.0.5:1")
+    assert unlimited.stats.handshake_failure == 1
+
+
 def test_oversized_password_is_refused(tmp_path: Path) -> None:
     access = AccessControl(AuthConfig(password_file=_passwd(tmp_path, alice="pw"), max_credential_size=16))
     assert access.authenticate(client(), creds("alice", "x" * 17)) == ReasonCode.BAD_USER_NAME_OR_PASSWORD
@@ -366,6 +385,14 @@ def test_jwks_file_without_keys_is_a_config_error(tmp_path: Path) -> None:
         AccessControl(AuthConfig(jwt=JwtConfig(jwks_file=str(bad))))
 
 
+@pytest.mark.parametrize("document", [b"[1, 2]", b"not json", b'{"keys": "x"}', b"\xff\xfe"])
+def test_a_document_that_is_not_a_jwks_is_a_value_error(document: bytes) -> None:
+    from core.auth.jwtauth import JwtAuthenticator
+
+    with pytest.raises(ValueError, match="invalid JWKS"):
+        JwtAuthenticator(JwtConfig(jwks_url="http://jwks.invalid/")).load_jwks(document)
+
+
 # --- certificates
 
 
@@ -408,6 +435,47 @@ def test_peer_cert_as_username_and_clientid() -> None:
     assert identified.username == "device-42"
     assert identified.client_id == cert_identity(der, "md5")
     assert access.identify(client()) == client()
+
+
+def test_certificate_user_name_is_the_credential_and_a_missing_field_is_refused(tmp_path: Path) -> None:
+    named, nameless = _cert("device-42"), _cert_without_cn()
+    access = AccessControl(
+        AuthConfig(
+            allow_anonymous=False,
+            password_file=_passwd(tmp_path, other="pw"),
+            peer_cert_as_username="cn",
+        )
+    )
+    with_cert = access.identify(ClientInfo("c", "mqtt", "1.2.3.4:5", "mallory", 4, named))
+    assert access.authenticate(with_cert, creds("mallory", None)) == 0
+    claimed = access.identify(ClientInfo("c", "mqtt", "1.2.3.4:5", "device-42", 4, nameless))
+    assert claimed.username == "device-42"  # the CONNECT name: the certificate has none
+    assert access.authenticate(claimed, creds("device-42", None)) == ReasonCode.NOT_AUTHORIZED
+    assert access.authenticate(client(username="other"), creds("other", "pw")) == 0  # no certificate
+    by_id = AccessControl(AuthConfig(peer_cert_as_clientid="cn"))
+    assert by_id.authenticate(by_id.identify(ClientInfo("c", peer_cert=named)), creds(None, None)) == 0
+    refused = by_id.identify(ClientInfo("device-42", peer_cert=nameless))
+    assert by_id.authenticate(refused, creds(None, None)) == ReasonCode.NOT_AUTHORIZED
+
+
+def _cert_without_cn() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Org")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    cert = (
+        builder.serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 # --- ACL
