@@ -1,47 +1,151 @@
-"""CoAP over DTLS with pre-shared keys (``coaps://``, RFC 7252 §9.1; DTLS 1.2, RFC 6347), through tinydtls.
+"""CoAP and LwM2M over DTLS 1.2 (``coaps://``, RFC 7252 §9.1; RFC 6347), through Mbed TLS (python-mbedtls).
 
-tinydtls is reached through the ``DTLSSocket`` binding (the one aiocoap uses). Its ``DTLS`` object is
-driven without sockets: datagrams go in with ``handleMessageAddr``, decrypted application data comes out of
-the ``read`` callback, and records to send come out of the ``write`` callback. :class:`DtlsDatagramCore`
+Each peer has an Mbed TLS context driven without sockets (``TLSWrappedBuffer``): a datagram goes in with
+``receive_from_network``, handshake steps run with ``do_handshake``, decrypted application data comes out of
+``readinto`` and the records to send out of ``peek_outgoing``/``consume_outgoing``. :class:`DtlsDatagramCore`
 wraps any :class:`gateways.udp.DatagramCore` that way, so the CoAP engine sees plain CoAP datagrams from
 authenticated peers only; :class:`CoapDtlsGateway` is the CoAP gateway on such a socket.
 
-Bounds: at most ``max_peers`` DTLS peers (datagrams from further unknown addresses are dropped and
-counted), and a peer silent for ``idle_timeout`` seconds is forgotten (its DTLS state freed; the client
-handshakes again). Only PSK cipher suites (TLS_PSK_WITH_AES_128_CCM_8) are offered: tinydtls' ECDSA
-certificate mode needs raw keys the binding does not expose.
+Credentials: pre-shared keys (RFC 7252 §9.1.3.1, ``psk`` identity -> key) and X.509 certificates
+(§9.1.3.3, ``certfile``/``keyfile``, client certificates checked against ``cacertfile`` with
+``verify = "verify_peer"``; ``fail_if_no_peer_cert`` refuses clients without one). Both may be configured at
+once: the client's cipher suites choose.
+
+Bounds and bad input: a new peer must open with a ClientHello (RFC 6347 §4.2.1), anything else is ignored and
+counted; the first ClientHello is answered statelessly with a HelloVerifyRequest cookie (§4.2.1), so no state
+is kept for a spoofed address; at most ``max_peers`` peers hold state (further new ones are dropped and
+counted); a handshake not finished within ``handshake_timeout`` and a peer silent for ``idle_timeout``
+seconds are forgotten (their state freed). A failed handshake is logged once with the peer and the cause,
+counted, and its state freed; other peers are not affected. Records leave in datagrams of at most
+:data:`MTU` bytes (handshake messages are fragmented by Mbed TLS, §4.2.3).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Hashable
-from typing import Any
 
-from DTLSSocket import dtls  # type: ignore[import-untyped]
+from mbedtls import pk, tls, x509
+from mbedtls.exceptions import TLSError
 
-from core.config import CoapConfig, parse_bind
+from core.config import CoapConfig, DtlsConfig, parse_bind
+from core.errors import ConfigError
 from gateways.base import Broker
 from gateways.coap.adapter import CoapUdpGateway
 from gateways.udp import DatagramCore
 
-__all__ = ["CoapDtlsGateway", "DtlsDatagramCore"]
+__all__ = ["MTU", "CoapDtlsGateway", "DtlsDatagramCore", "server_context"]
 
 log = logging.getLogger("mqgate.coap")
 
-_CONNECTED = 0x1DE  # DTLS_EVENT_CONNECTED
+MTU = 1280  # bytes per datagram sent: the IPv6 minimum link MTU, safe on any path
 _SWEEP_INTERVAL = 1.0
+_RING = 32 * 1024  # python-mbedtls' buffer capacity each way; a larger datagram is not a DTLS record
+_HEADER = 13  # RFC 6347 §4.1: type, version, epoch, sequence number, length
+_HANDSHAKE = 22
+_CLIENT_HELLO = 1
+_CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
 
-_Key = tuple[str, int]
+
+def server_context(settings: DtlsConfig, key: str) -> tls.ServerContext:
+    """The Mbed TLS server context for ``settings``; ConfigError names ``key`` (``gateways.coap.dtls``)."""
+    if not settings.psk and not settings.certfile:
+        raise ConfigError(f"{key}: set psk, or certfile and keyfile, to enable DTLS")
+    if settings.verify == "verify_peer" and not settings.cacertfile:
+        raise ConfigError(f'{key}.cacertfile: required with verify = "verify_peer"')
+    chain: tuple[tuple[x509.CRT, ...], pk.ECC | pk.RSA] | None = None
+    trust: tls.TrustStore | None = None
+    try:
+        if settings.certfile:
+            chain = (
+                _certificates(settings.certfile, key),
+                _private_key(settings.keyfile or settings.certfile, settings.key_password),
+            )
+        if settings.cacertfile:
+            trust = tls.TrustStore.from_pem_file(settings.cacertfile)
+    except (OSError, TLSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load the certificates or key: {exc}") from None
+    configuration = tls.DTLSConfiguration(
+        # True: a client certificate is required and checked (MBEDTLS_SSL_VERIFY_REQUIRED); False: one is
+        # asked for and checked, but the handshake goes on without it (OPTIONAL; DtlsDatagramCore decides)
+        validate_certificates=settings.verify == "verify_peer" and settings.fail_if_no_peer_cert,
+        certificate_chain=chain,
+        trust_store=trust,
+        lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        pre_shared_key_store={identity: secret.encode() for identity, secret in settings.psk.items()},
+    )
+    return tls.ServerContext(configuration)
 
 
-def _key(host: str, port: int) -> _Key:
-    """The peer's address as tinydtls reports it back (IPv4 as ``::ffff:a.b.c.d``), normalised."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address), port
+def _certificates(path: str, key: str) -> tuple[x509.CRT, ...]:
+    """The PEM certificates of ``path``, leaf first."""
+    with open(path) as file:
+        text = file.read()
+    end = "-----END CERTIFICATE-----"
+    blocks = [block + end for block in text.split(end) if "-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ConfigError(f"{key}.certfile: no PEM certificate in {path}")
+    return tuple(x509.CRT.from_PEM(block[block.index("-----BEGIN") :]) for block in blocks)
+
+
+def _private_key(path: str, password: str) -> pk.ECC | pk.RSA:
+    """An EC or RSA private key from a PEM file."""
+    with open(path, "rb") as file:
+        pem = file.read()
+    secret = password.encode() if password else None
+    try:
+        return pk.ECC.from_buffer(pem, secret)
+    except (TLSError, ValueError):
+        return pk.RSA.from_buffer(pem, secret)
+
+
+def _is_client_hello(data: bytes) -> bool:
+    """A handshake record of epoch 0 carrying a ClientHello (RFC 6347 §4.1, §4.2.2)."""
+    return (
+        len(data) > _HEADER
+        and data[0] == _HANDSHAKE
+        and data[3:5] == b"\0\0"
+        and data[_HEADER] == _CLIENT_HELLO
+    )
+
+
+def _handshake_over(context: tls.TLSWrappedBuffer) -> bool:
+    return context._handshake_state.name == "HANDSHAKE_OVER"  # the stubs type the enum's members as int
+
+
+def _verified(context: tls.TLSWrappedBuffer) -> bool:
+    """Whether the peer's certificate chain verified: ``mbedtls_ssl_get_verify_result() == 0``, which the
+    binding exposes only as this attribute."""
+    return bool(context._verified)  # type: ignore[attr-defined]
+
+
+def _datagrams(records: bytes) -> list[bytes]:
+    """Records packed into datagrams of at most :data:`MTU` bytes; a record is never split (§4.1.1)."""
+    out: list[bytes] = []
+    start = end = 0
+    size = len(records)
+    while end < size:
+        length = _HEADER + int.from_bytes(records[end + 11 : end + 13], "big")
+        if end > start and end + length - start > MTU:
+            out.append(records[start:end])
+            start = end
+        end += length
+    if start < size:
+        out.append(records[start:])
+    return out
+
+
+class _Peer:
+    """One DTLS peer: its Mbed TLS context and timestamps."""
+
+    __slots__ = ("address", "context", "established", "last_seen", "started")
+
+    def __init__(self, address: Hashable, context: tls.TLSWrappedBuffer, now: float) -> None:
+        self.address = address
+        self.context = context
+        self.established = False
+        self.started = now
+        self.last_seen = now
 
 
 class DtlsDatagramCore:
@@ -50,68 +154,78 @@ class DtlsDatagramCore:
     def __init__(
         self,
         inner: DatagramCore,
-        psk: dict[bytes, bytes],
+        context: tls.ServerContext,
         *,
+        verify_peer: bool = False,
         max_peers: int = 10_000,
+        handshake_timeout: float = 30.0,
         idle_timeout: float = 300.0,
+        logger: logging.Logger = log,
     ) -> None:
         self.inner = inner
+        self.context = context
+        self.verify_peer = verify_peer  # a client certificate, when given, must verify (OPTIONAL mode)
         self.max_peers = max_peers
+        self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
-        self.dropped_peers = 0  # datagrams from new addresses refused because max_peers was reached
-        self._dtls: Any = dtls.DTLS(
-            read=self._on_read, write=self._on_write, event=self._on_event, pskId=b"", pskStore=psk
-        )
-        self._peers: dict[_Key, Hashable] = {}  # tinydtls address -> the socket's peer
-        self._last_seen: dict[_Key, float] = {}
-        self._established: dict[_Key, Any] = {}  # peers that sent application data: their dtls.Session
-        self._plain: list[tuple[_Key, bytes]] = []
+        self.log = logger
+        self.dropped_peers = 0  # new peers refused because max_peers was reached
+        self.ignored_datagrams = 0  # datagrams from unknown peers that do not open a handshake
+        self.handshakes = 0  # completed
+        self.handshake_failures = 0  # wrong key, unknown CA, missing certificate, timeout, bad records
+        self.unsent_datagrams = 0  # the inner core's datagrams to peers without a DTLS session (forgotten)
+        self._peers: dict[Hashable, _Peer] = {}
         self._out: list[tuple[Hashable, bytes]] = []
+        self._scratch = bytearray(_RING)
         self._next_sweep: float | None = None
 
-    # --- tinydtls callbacks
-
-    def _on_read(self, address: tuple[Any, ...], data: bytes) -> int:
-        self._plain.append((_key(address[0], address[1]), bytes(data)))
-        return len(data)
-
-    def _on_write(self, address: tuple[Any, ...], data: bytes) -> int:
-        peer = self._peers.get(_key(address[0], address[1]))
-        if peer is not None:
-            self._out.append((peer, bytes(data)))
-        return len(data)
-
-    def _on_event(self, level: int, code: int) -> None:
-        if code != _CONNECTED:
-            log.debug("dtls event 0x%x (level %d)", code, level)
+    @classmethod
+    def from_config(
+        cls, inner: DatagramCore, settings: DtlsConfig, key: str, logger: logging.Logger = log
+    ) -> DtlsDatagramCore:
+        """The core for a ``[gateways.*.dtls]`` section named ``key``."""
+        return cls(
+            inner,
+            server_context(settings, key),
+            verify_peer=settings.verify == "verify_peer",
+            max_peers=settings.max_peers,
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.idle_timeout,
+            logger=logger,
+        )
 
     # --- DatagramCore
 
     def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
-        assert isinstance(peer, tuple)
-        host, port = peer[0], peer[1]
-        key = _key(host, port)
-        if key not in self._peers:
-            if len(self._peers) >= self.max_peers:
-                self.dropped_peers += 1
-                return
-            self._peers[key] = peer
-        self._last_seen[key] = now
-        if self._next_sweep is None:
-            self._next_sweep = now + _SWEEP_INTERVAL
-        self._dtls.handleMessageAddr(_tinydtls_host(host), port, data)
-        plain, self._plain = self._plain, []
-        for source, message in plain:
-            if source not in self._established:
-                self._established[source] = dtls.Session(_tinydtls_host(source[0]), source[1], 0, 0)
-            self.inner.receive_datagram(message, self._peers.get(source, peer), now)
+        if len(data) > _RING:
+            self.ignored_datagrams += 1
+            return
+        state = self._peers.get(peer)
+        if state is not None and state.established and _is_client_hello(data):
+            self._forget(peer)  # the client restarted (a reboot on the same port): a new handshake
+            state = None
+        if state is None:
+            self._new_peer(data, peer, now)
+            return
+        state.last_seen = now
+        state.context.receive_from_network(data)
+        if not state.established:
+            self._handshake(state, now)
+        if state.established:
+            self._read(state, now)
 
     def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
         for peer, message in self.inner.datagrams_to_send():
-            assert isinstance(peer, tuple)
-            session = self._established.get(_key(peer[0], peer[1]))
-            if session is not None:  # never start a handshake towards a client
-                self._dtls.write(session, message)
+            state = self._peers.get(peer)
+            if state is None or not state.established:  # a DTLS server never starts a handshake
+                self.unsent_datagrams += 1
+                continue
+            try:
+                state.context.write(message)
+            except TLSError as exc:
+                self.log.info("dtls %s: %d-byte datagram not sent: %s", _text(peer), len(message), exc.msg)
+                continue
+            self._drain(state)
         out, self._out = self._out, []
         return out
 
@@ -127,38 +241,131 @@ class DtlsDatagramCore:
         if inner is not None and inner <= now:
             self.inner.handle_timer(now)
         if self._next_sweep is not None and now >= self._next_sweep:
-            self._dtls.checkRetransmit()
-            self._forget_idle(now)
+            self._sweep(now)
             self._next_sweep = now + _SWEEP_INTERVAL if self._peers else None
 
-    def _forget_idle(self, now: float) -> None:
-        limit = now - self.idle_timeout
-        for key in [key for key, seen in self._last_seen.items() if seen < limit]:
-            del self._last_seen[key]
-            del self._peers[key]
-            self._established.pop(key, None)
-            self._dtls.resetPeer(dtls.Session(_tinydtls_host(key[0]), key[1], 0, 0))
+    # --- peers
 
     @property
     def peers(self) -> int:
         return len(self._peers)
 
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        """The DER certificate ``peer`` presented, when it was verified against ``cacertfile``."""
+        state = self._peers.get(peer)
+        if state is None or not state.established or not self.verify_peer:
+            return None
+        certificate = state.context.getpeercert(binary_form=True)
+        return certificate if certificate and _verified(state.context) else None
 
-def _tinydtls_host(host: str) -> str:
-    """tinydtls sessions are IPv6: an IPv4 address goes in as ``::ffff:a.b.c.d``."""
-    return f"::ffff:{host}" if ":" not in host else host
+    def _new_peer(self, data: bytes, peer: Hashable, now: float) -> None:
+        if not _is_client_hello(data):
+            self.ignored_datagrams += 1
+            return
+        if len(self._peers) >= self.max_peers:
+            self.dropped_peers += 1
+            return
+        context = self.context.wrap_buffers()
+        context.setmtu(MTU)
+        context.setcookieparam(_text(peer).encode())
+        state = _Peer(peer, context, now)
+        context.receive_from_network(data)
+        if self._handshake(state, now):
+            self._peers[peer] = state
+            if self._next_sweep is None:
+                self._next_sweep = now + _SWEEP_INTERVAL
+            if state.established:
+                self._read(state, now)
+
+    def _handshake(self, state: _Peer, now: float) -> bool:
+        """Run the handshake as far as the input allows; False when the peer has no state to keep (a
+        HelloVerifyRequest was sent, or the handshake failed)."""
+        context = state.context
+        while not _handshake_over(context):
+            try:
+                context.do_handshake()
+            except tls.WantReadError:
+                break
+            except tls.WantWriteError:
+                self._drain(state)
+            except tls.HelloVerifyRequest:
+                self._drain(state)
+                return False
+            except TLSError as exc:
+                self._drain(state)  # the fatal alert, when Mbed TLS wrote one
+                self._fail(state, exc.msg)
+                return False
+        self._drain(state)
+        if _handshake_over(context):
+            if self.verify_peer and context.getpeercert(binary_form=True) and not _verified(context):
+                self._fail(state, "client certificate verification failed")
+                return False
+            state.established = True
+            self.handshakes += 1
+            self.log.debug("dtls %s: handshake done, %s", _text(state.address), context.cipher())
+        return True
+
+    def _read(self, state: _Peer, now: float) -> None:
+        scratch = self._scratch
+        while True:
+            try:
+                size = state.context.readinto(scratch, len(scratch))  # type: ignore[arg-type]
+            except tls.WantReadError:
+                return
+            except TLSError as exc:
+                self._drain(state)
+                if getattr(exc, "err", None) == _CLOSE_NOTIFY:
+                    self.log.debug("dtls %s: closed by the peer", _text(state.address))
+                    self._forget(state.address)
+                else:
+                    self._fail(state, exc.msg)
+                return
+            self.inner.receive_datagram(bytes(scratch[:size]), state.address, now)
+
+    def _drain(self, state: _Peer) -> None:
+        records = state.context.peek_outgoing(_RING)
+        if records:
+            state.context.consume_outgoing(len(records))
+            self._out.extend((state.address, datagram) for datagram in _datagrams(records))
+
+    def _fail(self, state: _Peer, cause: str) -> None:
+        self.handshake_failures += 1
+        self.log.warning("dtls %s: refused: %s", _text(state.address), cause)
+        self._forget(state.address)
+
+    def _forget(self, peer: Hashable) -> None:
+        self._peers.pop(peer, None)
+
+    def _sweep(self, now: float) -> None:
+        """Retransmit handshake flights whose Mbed TLS timer ran out (§4.2.4); forget stale peers."""
+        idle = now - self.idle_timeout
+        late = now - self.handshake_timeout
+        for state in list(self._peers.values()):
+            if state.established:
+                if state.last_seen < idle:
+                    self._forget(state.address)
+            elif state.started < late:
+                self._fail(state, "handshake not finished in time")
+            else:
+                self._handshake(state, now)
+
+
+def _text(peer: Hashable) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 class CoapDtlsGateway(CoapUdpGateway):
-    """``gateways.coap.dtls``: the CoAP gateway on a DTLS (PSK) socket, ``coaps://``."""
+    """``gateways.coap.dtls``: the CoAP gateway on a DTLS socket, ``coaps://``."""
 
     name = "coap:dtls"
 
     def __init__(self, config: CoapConfig, broker: Broker) -> None:
         super().__init__(config, broker)
-        settings = config.dtls
-        self.host, self.port = parse_bind(settings.bind, "gateways.coap.dtls.bind")
-        psk = {identity.encode(): key.encode() for identity, key in settings.psk.items()}
-        self.core = DtlsDatagramCore(
-            self.gateway, psk, max_peers=settings.max_peers, idle_timeout=settings.idle_timeout
-        )
+        self.host, self.port = parse_bind(config.dtls.bind, "gateways.coap.dtls.bind")
+        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.coap.dtls")
+        self.core = self.dtls
+
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        return self.dtls.peer_certificate(peer)

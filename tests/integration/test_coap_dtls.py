@@ -1,57 +1,108 @@
-"""CoAP over DTLS with pre-shared keys (``gateways.coap.dtls``, ``coaps://``): libcoap's
-``coap-client-openssl`` and ``coap-client-gnutls`` against the tinydtls server side, and the DTLS wrapper
-driven in memory by a tinydtls client."""
+"""CoAP over DTLS (``gateways.coap.dtls``, ``coaps://``): libcoap's ``coap-client-openssl`` and
+``coap-client-gnutls`` against the Mbed TLS server side, with pre-shared keys and with X.509 certificates
+generated here; and the DTLS wrapper driven in memory by a python-mbedtls client."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import subprocess
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from mbedtls import tls
 
-pytest.importorskip("DTLSSocket")
-
-from DTLSSocket import dtls  # type: ignore[import-untyped]
-
-from gateways.coap.dtls import DtlsDatagramCore
+from core.errors import ConfigError
+from gateways.coap.dtls import MTU, DtlsDatagramCore, _datagrams
 from tests.conftest import RunningBroker
 from tests.integration.helpers import TIMEOUT, Clients
+from tests.integration.tls_helpers import issue, write_pair
 
 StartBroker = Callable[..., RunningBroker]
 
 PSK = {"sensor-1": "s3cret-key"}
 
 
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    with Clients() as owned:
-        yield owned
+@dataclass(frozen=True)
+class DtlsPki:
+    """Certificates made for this run: a CA, the server's, a device's, and a device of an unknown CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+    rogue_ca: Path
 
 
-@pytest.fixture
-def broker(start_broker: StartBroker) -> RunningBroker:
-    return start_broker(gateways={"coap": {"dtls": {"enabled": True, "bind": "127.0.0.1:0", "psk": PSK}}})
+@pytest.fixture(scope="session")
+def dtls_pki(tmp_path_factory: pytest.TempPathFactory) -> DtlsPki:
+    directory = tmp_path_factory.mktemp("dtls-pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("dtls test CA", ca_key, "dtls test CA", ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    localhost = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = issue("127.0.0.1", server_key, "dtls test CA", ca_key, sans=localhost)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = issue("device-7", client_key, "dtls test CA", ca_key)
+    rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_ca = issue("unknown CA", rogue_ca_key, "unknown CA", rogue_ca_key, ca=True)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue = issue("device-7", rogue_key, "unknown CA", rogue_ca_key)
+    for stem, cert, key in (
+        ("ca", ca, ca_key),
+        ("server", server, server_key),
+        ("client", client, client_key),
+        ("rogue-ca", rogue_ca, rogue_ca_key),
+        ("rogue", rogue, rogue_key),
+    ):
+        write_pair(directory, stem, cert, key)
+    return DtlsPki(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        rogue_cert=directory / "rogue.pem",
+        rogue_key=directory / "rogue.key",
+        rogue_ca=directory / "rogue-ca.pem",
+    )
 
 
-def _mqtt_port(broker: RunningBroker) -> int:
-    port = broker.port
-    assert port is not None
-    return port
+def dtls_options(pki: DtlsPki, **extra: Any) -> dict[str, Any]:
+    """A ``[gateways.*.dtls]`` section with the PSK table and certificates that require a client one."""
+    return {
+        "enabled": True,
+        "bind": "127.0.0.1:0",
+        "psk": PSK,
+        "certfile": str(pki.server_cert),
+        "keyfile": str(pki.server_key),
+        "cacertfile": str(pki.ca),
+        "verify": "verify_peer",
+        "fail_if_no_peer_cert": True,
+        **extra,
+    }
 
 
-def _coaps(
-    broker: RunningBroker,
-    tool: str,
+def coaps(
+    port: int,
     method: str,
     path: str,
     *,
-    key: str = "s3cret-key",
+    tool: str = "coap-client-openssl",
+    credentials: list[str],
     payload: str = "",
     wait: int = 3,
 ) -> subprocess.CompletedProcess[str]:
-    port = broker.app.listeners["coap:dtls"].port  # type: ignore[attr-defined]
-    args = [tool, "-B", str(wait), "-u", "sensor-1", "-k", key, "-m", method]
+    """One libcoap request over DTLS with ``credentials`` (``-u ID -k KEY`` or ``-c CERT -j KEY -C CA``)."""
+    args = [tool, "-B", str(wait), *credentials, "-m", method]
     if payload:
         args += ["-e", payload]
     return subprocess.run(
@@ -63,38 +114,189 @@ def _coaps(
     )
 
 
+def psk_credentials(key: str = "s3cret-key") -> list[str]:
+    return ["-u", "sensor-1", "-k", key]
+
+
+def cert_credentials(cert: Path, key: Path, ca: Path) -> list[str]:
+    return ["-c", str(cert), "-j", str(key), "-C", str(ca)]
+
+
+def dtls_core(broker: RunningBroker, name: str) -> DtlsDatagramCore:
+    core = broker.app.listeners[name].dtls  # type: ignore[attr-defined]
+    assert isinstance(core, DtlsDatagramCore)
+    return core
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    with Clients() as owned:
+        yield owned
+
+
+@pytest.fixture
+def broker(start_broker: StartBroker, dtls_pki: DtlsPki) -> RunningBroker:
+    return start_broker(gateways={"coap": {"dtls": dtls_options(dtls_pki)}})
+
+
+def _mqtt_port(broker: RunningBroker) -> int:
+    port = broker.port
+    assert port is not None
+    return port
+
+
+def _port(broker: RunningBroker) -> int:
+    port: int = broker.app.listeners["coap:dtls"].port  # type: ignore[attr-defined]
+    return port
+
+
 @pytest.mark.parametrize("tool", ["coap-client-openssl", "coap-client-gnutls"])
 def test_coaps_put_with_the_right_psk_publishes_to_mqtt(
     broker: RunningBroker, clients: Clients, tool: str
 ) -> None:
     mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
     assert mqtt.subscribe("dtls/#", 1) == 1
-    result = _coaps(broker, tool, "put", "mqtt/dtls/temp?c=sensor-1", payload="21.5")
+    result = coaps(
+        _port(broker),
+        "put",
+        "mqtt/dtls/temp?c=sensor-1",
+        tool=tool,
+        credentials=psk_credentials(),
+        payload="21.5",
+    )
     assert result.returncode == 0, result.stderr
     message = mqtt.messages.get(timeout=TIMEOUT)
     assert (message.topic, message.payload) == ("dtls/temp", b"21.5")
 
 
+@pytest.mark.parametrize("tool", ["coap-client-openssl", "coap-client-gnutls"])
+def test_coaps_put_with_a_client_certificate_publishes_to_mqtt(
+    broker: RunningBroker, clients: Clients, dtls_pki: DtlsPki, tool: str
+) -> None:
+    mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
+    assert mqtt.subscribe("dtls/#", 1) == 1
+    credentials = cert_credentials(dtls_pki.client_cert, dtls_pki.client_key, dtls_pki.ca)
+    result = coaps(
+        _port(broker), "put", "mqtt/dtls/cert?c=device-7", tool=tool, credentials=credentials, payload="7"
+    )
+    assert result.returncode == 0, result.stderr
+    message = mqtt.messages.get(timeout=TIMEOUT)
+    assert (message.topic, message.payload) == ("dtls/cert", b"7")
+
+
 def test_coaps_get_reads_a_retained_message_over_dtls(broker: RunningBroker, clients: Clients) -> None:
     mqtt = clients.paho(_mqtt_port(broker), "writer", version=5)
     mqtt.publish("dtls/state", b"on", qos=1, retain=True)
-    result = _coaps(broker, "coap-client-openssl", "get", "mqtt/dtls/state?c=reader")
+    result = coaps(_port(broker), "get", "mqtt/dtls/state?c=reader", credentials=psk_credentials())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "on"
 
 
-def test_coaps_with_a_wrong_psk_publishes_nothing(broker: RunningBroker, clients: Clients) -> None:
+def test_coaps_with_a_wrong_psk_is_refused_logged_and_counted(
+    broker: RunningBroker, clients: Clients, caplog: pytest.LogCaptureFixture
+) -> None:
     mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
     assert mqtt.subscribe("dtls/#", 1) == 1
-    result = _coaps(
-        broker, "coap-client-openssl", "put", "mqtt/dtls/x?c=intruder", key="wrong", payload="x", wait=1
-    )
+    with caplog.at_level(logging.WARNING, logger="mqgate.coap"):
+        result = coaps(
+            _port(broker),
+            "put",
+            "mqtt/dtls/x?c=intruder",
+            credentials=psk_credentials("wrong"),
+            payload="x",
+            wait=1,
+        )
     assert "2.04" not in result.stdout
-    # the same broker still serves the right key, and only that message arrives
-    assert _coaps(broker, "coap-client-openssl", "put", "mqtt/dtls/y?c=sensor-1", payload="y").returncode == 0
+    assert broker.call(lambda: dtls_core(broker, "coap:dtls").handshake_failures) == 1
+    assert any("dtls 127.0.0.1:" in r.message and "MAC" in r.message for r in caplog.records)
+    # the same gateway still serves the right key, and only that message arrives
+    result = coaps(_port(broker), "put", "mqtt/dtls/y?c=sensor-1", credentials=psk_credentials(), payload="y")
+    assert result.returncode == 0, result.stderr
     message = mqtt.messages.get(timeout=TIMEOUT)
     assert (message.topic, message.payload) == ("dtls/y", b"y")
     assert mqtt.messages.empty()
+
+
+def test_coaps_with_a_certificate_of_an_unknown_ca_is_refused_and_others_go_on(
+    broker: RunningBroker, clients: Clients, dtls_pki: DtlsPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
+    assert mqtt.subscribe("dtls/#", 1) == 1
+    rogue = ["-n", *cert_credentials(dtls_pki.rogue_cert, dtls_pki.rogue_key, dtls_pki.rogue_ca)]
+    with caplog.at_level(logging.WARNING, logger="mqgate.coap"):
+        result = coaps(_port(broker), "put", "mqtt/dtls/x?c=rogue", credentials=rogue, payload="x", wait=1)
+    assert "2.04" not in result.stdout
+    assert broker.call(lambda: dtls_core(broker, "coap:dtls").handshake_failures) == 1
+    assert any("Certificate verification failed" in r.message for r in caplog.records)
+    good = cert_credentials(dtls_pki.client_cert, dtls_pki.client_key, dtls_pki.ca)
+    assert (
+        coaps(_port(broker), "put", "mqtt/dtls/z?c=device-7", credentials=good, payload="z").returncode == 0
+    )
+    message = mqtt.messages.get(timeout=TIMEOUT)
+    assert (message.topic, message.payload) == ("dtls/z", b"z")
+    assert mqtt.messages.empty()
+
+
+def test_coaps_without_a_client_certificate_is_refused_when_one_is_required(
+    broker: RunningBroker, dtls_pki: DtlsPki
+) -> None:
+    result = coaps(_port(broker), "put", "mqtt/dtls/x?c=anon", credentials=["-C", str(dtls_pki.ca)], wait=1)
+    assert "2.04" not in result.stdout
+    assert broker.call(lambda: dtls_core(broker, "coap:dtls").handshake_failures) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({}, "gateways.lwm2m.dtls: set psk"),
+        ({"psk": PSK, "verify": "verify_peer"}, "gateways.lwm2m.dtls.cacertfile"),
+        ({"certfile": "/nonexistent.pem"}, "gateways.lwm2m.dtls: cannot load"),
+    ],
+)
+def test_dtls_settings_that_cannot_work_stop_start_up_naming_the_key(
+    start_broker: StartBroker, options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        start_broker(gateways={"lwm2m": {"dtls": {"enabled": True, "bind": "127.0.0.1:0", **options}}})
+
+
+def test_verify_none_accepts_a_certificate_of_any_ca_and_none(
+    start_broker: StartBroker, clients: Clients, dtls_pki: DtlsPki
+) -> None:
+    options = {"enabled": True, "bind": "127.0.0.1:0"}
+    options |= {"certfile": str(dtls_pki.server_cert), "keyfile": str(dtls_pki.server_key)}
+    broker = start_broker(gateways={"coap": {"dtls": options}})
+    mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
+    assert mqtt.subscribe("dtls/#", 1) == 1
+    rogue = ["-n", *cert_credentials(dtls_pki.rogue_cert, dtls_pki.rogue_key, dtls_pki.rogue_ca)]
+    assert coaps(_port(broker), "put", "mqtt/dtls/a?c=a", credentials=rogue, payload="a").returncode == 0
+    assert (
+        coaps(
+            _port(broker), "put", "mqtt/dtls/b?c=b", credentials=["-C", str(dtls_pki.ca)], payload="b"
+        ).returncode
+        == 0
+    )
+    received = [mqtt.messages.get(timeout=TIMEOUT) for _ in range(2)]
+    assert [(m.topic, m.payload) for m in received] == [("dtls/a", b"a"), ("dtls/b", b"b")]
+
+
+def test_certificate_common_name_is_the_username_with_peer_cert_as_username(
+    start_broker: StartBroker, dtls_pki: DtlsPki
+) -> None:
+    rule = {"permission": "allow", "username": "device-7", "action": "publish", "topics": ["#"]}
+    broker = start_broker(
+        auth={"allow_anonymous": False, "peer_cert_as_username": "cn"},
+        acl={"no_match": "deny", "rules": [rule]},
+        gateways={"coap": {"dtls": dtls_options(dtls_pki)}},
+    )
+    refused = coaps(
+        _port(broker), "put", "mqtt/dtls/psk?c=sensor-1", credentials=psk_credentials(), payload="p"
+    )
+    assert "4.01" in refused.stdout + refused.stderr
+    good = cert_credentials(dtls_pki.client_cert, dtls_pki.client_key, dtls_pki.ca)
+    allowed = coaps(_port(broker), "put", "mqtt/dtls/cn?c=device-7", credentials=good, payload="c")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "4." not in allowed.stdout + allowed.stderr
 
 
 # --- the DTLS wrapper in memory
@@ -125,82 +327,174 @@ class _EchoCore:
         self.deadline = None
 
 
+def _psk_server(inner: _EchoCore, **bounds: Any) -> DtlsDatagramCore:
+    configuration = tls.DTLSConfiguration(
+        validate_certificates=False, pre_shared_key_store={"sensor-1": b"s3cret-key"}
+    )
+    return DtlsDatagramCore(inner, tls.ServerContext(configuration), **bounds)
+
+
 class _Client:
-    """A tinydtls PSK client whose records are carried by hand to and from a DtlsDatagramCore."""
+    """A python-mbedtls PSK client whose datagrams are carried by hand to and from a DtlsDatagramCore."""
 
     def __init__(self, server: DtlsDatagramCore, peer: tuple[str, int], key: bytes = b"s3cret-key") -> None:
         self.server = server
         self.peer = peer
-        self.to_server: list[bytes] = []
         self.plain: list[bytes] = []
-        self.dtls: Any = dtls.DTLS(
-            read=self._read,
-            write=self._write,
-            event=lambda level, code: None,
-            pskId=b"sensor-1",
-            pskStore={b"sensor-1": key},
-        )
-        self.session = self.dtls.connect("::1", 5684)
-        self.pump(0.0)
+        configuration = tls.DTLSConfiguration(validate_certificates=False, pre_shared_key=("sensor-1", key))
+        self.tls = tls.ClientContext(configuration).wrap_buffers(None)
+        self.failed = False
 
-    def _read(self, address: object, data: bytes) -> int:
-        self.plain.append(bytes(data))
-        return len(data)
-
-    def _write(self, address: object, data: bytes) -> int:
-        self.to_server.append(bytes(data))
-        return len(data)
-
-    def pump(self, now: float) -> None:
+    def flight(self) -> bytes:
+        """Run the handshake as far as the input allows; the records to send."""
         for _ in range(20):
-            if not self.to_server:
+            if self.failed or self.tls._handshake_state.name == "HANDSHAKE_OVER":
+                break
+            try:
+                self.tls.do_handshake()
+            except tls.WantWriteError:
+                continue
+            except tls.WantReadError:
+                break
+            except Exception:
+                self.failed = True
+        records = self.tls.peek_outgoing(32768)
+        self.tls.consume_outgoing(len(records))
+        return records
+
+    def handshake(self, now: float) -> bool:
+        """Run the handshake to its end or failure; True when done."""
+        for _ in range(10):
+            self._exchange(self.flight(), now)
+            if self.failed or self.tls._handshake_state.name == "HANDSHAKE_OVER":
+                break
+        return not self.failed and self.tls._handshake_state.name == "HANDSHAKE_OVER"
+
+    def _exchange(self, records: bytes, now: float) -> None:
+        if records:
+            self.server.receive_datagram(records, self.peer, now)
+        for peer, data in self.server.datagrams_to_send():
+            assert peer == self.peer
+            assert len(data) <= MTU
+            self.tls.receive_from_network(data)
+            self._exchange(self.flight(), now)
+            self._read()
+
+    def _read(self) -> None:
+        if self.tls._handshake_state.name != "HANDSHAKE_OVER":
+            return
+        buffer = bytearray(2048)
+        while True:
+            try:
+                size = self.tls.readinto(buffer, len(buffer))  # type: ignore[arg-type]
+            except tls.WantReadError:
                 return
-            records, self.to_server = self.to_server, []
-            for record in records:
-                self.server.receive_datagram(record, self.peer, now)
-            for peer, data in self.server.datagrams_to_send():
-                assert peer == self.peer
-                self.dtls.handleMessageAddr("::1", 5684, data)
+            self.plain.append(bytes(buffer[:size]))
 
     def send(self, data: bytes, now: float) -> None:
-        self.dtls.write(self.session, data)
-        self.pump(now)
+        self.tls.write(data)
+        records = self.tls.peek_outgoing(32768)
+        self.tls.consume_outgoing(len(records))
+        self._exchange(records, now)
 
 
 def test_dtls_core_hands_decrypted_datagrams_to_the_inner_core_and_encrypts_the_answers() -> None:
     inner = _EchoCore()
-    core = DtlsDatagramCore(inner, {b"sensor-1": b"s3cret-key"})
+    core = _psk_server(inner)
     client = _Client(core, ("127.0.0.1", 40001))
+    assert client.handshake(0.0)
     client.send(b"hello", 1.0)
     assert inner.received == [(b"hello", ("127.0.0.1", 40001))]
     assert client.plain == [b"echo:hello"]
+    assert core.handshakes == 1
 
 
-def test_dtls_core_with_a_wrong_key_delivers_nothing() -> None:
+def test_dtls_core_keeps_no_state_before_the_cookie_exchange() -> None:
+    core = _psk_server(_EchoCore())
+    client = _Client(core, ("127.0.0.1", 40005))
+    core.receive_datagram(client.flight(), client.peer, 0.0)  # the first ClientHello
+    answers = core.datagrams_to_send()
+    assert [data[0] for _peer, data in answers] == [22]  # a HelloVerifyRequest only
+    assert core.peers == 0
+    client.tls.receive_from_network(answers[0][1])
+    assert client.handshake(0.0)
+    assert core.peers == 1
+
+
+def test_dtls_core_with_a_wrong_key_delivers_nothing_and_counts_the_failure() -> None:
     inner = _EchoCore()
-    core = DtlsDatagramCore(inner, {b"sensor-1": b"s3cret-key"})
+    core = _psk_server(inner)
     client = _Client(core, ("127.0.0.1", 40002), key=b"wrong")
-    client.send(b"hello", 1.0)
+    assert not client.handshake(0.0)
     assert inner.received == []
-    assert client.plain == []
+    assert core.handshake_failures == 1
+    assert core.peers == 0
 
 
-def test_dtls_core_bounds_peers_and_forgets_idle_ones() -> None:
+def test_dtls_core_failed_handshake_leaves_an_established_peer_working() -> None:
     inner = _EchoCore()
-    core = DtlsDatagramCore(inner, {b"sensor-1": b"s3cret-key"}, max_peers=1, idle_timeout=10.0)
+    core = _psk_server(inner)
+    good = _Client(core, ("127.0.0.1", 40008))
+    assert good.handshake(0.0)
+    assert not _Client(core, ("127.0.0.1", 40009), key=b"wrong").handshake(0.5)
+    good.send(b"still here", 1.0)
+    assert good.plain == [b"echo:still here"]
+    assert (core.peers, core.handshake_failures) == (1, 1)
+
+
+def test_dtls_core_ignores_datagrams_that_open_no_handshake() -> None:
+    inner = _EchoCore()
+    core = _psk_server(inner)
+    core.receive_datagram(b"\x17\xfe\xfd" + bytes(20), ("127.0.0.1", 40006), 0.0)  # application data
+    core.receive_datagram(b"\x16\xfe\xfd", ("127.0.0.1", 40006), 0.0)  # a truncated record
+    assert core.ignored_datagrams == 2
+    assert core.peers == 0
+    assert core.datagrams_to_send() == []
+
+
+def test_dtls_core_bounds_peers_and_forgets_idle_and_unfinished_ones() -> None:
+    inner = _EchoCore()
+    core = _psk_server(inner, max_peers=1, idle_timeout=10.0, handshake_timeout=5.0)
     first = _Client(core, ("127.0.0.1", 40003))
-    _Client(core, ("127.0.0.1", 40004))  # refused: max_peers
+    assert first.handshake(0.0)
+    assert not _Client(core, ("127.0.0.1", 40004)).handshake(0.0)  # refused: max_peers
     assert core.peers == 1
     assert core.dropped_peers >= 1
     first.send(b"a", 1.0)
     assert first.plain == [b"echo:a"]
     inner.deadline = 5.0
-    assert core.get_timer() == 1.0  # the peer sweep (1 s after the first datagram) comes first
+    assert core.get_timer() == 1.0  # the peer sweep (1 s after the first handshake) comes first
     core.handle_timer(5.0)
     assert inner.timers == 1
     assert core.peers == 1
     core.handle_timer(20.0)  # 19 s after its last datagram: forgotten
     assert core.peers == 0
+    inner.out.append((("127.0.0.1", 40003), b"late"))  # an answer to the forgotten peer is not sent
+    assert core.datagrams_to_send() == []
+    assert core.unsent_datagrams == 1
     second = _Client(core, ("127.0.0.1", 40004))
+    assert second.handshake(21.0)
     second.send(b"b", 21.0)
     assert second.plain == [b"echo:b"]
+    # a handshake left unfinished is dropped after handshake_timeout, and counted
+    core.handle_timer(40.0)
+    stalled = _Client(core, ("127.0.0.1", 40007))
+    for _ in range(2):  # ClientHello, then the one with the cookie: the server's flight goes unanswered
+        core.receive_datagram(stalled.flight(), stalled.peer, 41.0)
+        for _peer, data in core.datagrams_to_send():
+            stalled.tls.receive_from_network(data)
+    assert core.peers == 1  # the idle second peer was forgotten at 40.0
+    failures = core.handshake_failures
+    core.handle_timer(47.0)
+    assert core.peers == 0
+    assert core.handshake_failures == failures + 1
+
+
+def test_records_are_packed_into_datagrams_of_at_most_the_mtu() -> None:
+    def record(size: int) -> bytes:
+        return bytes([22, 0xFE, 0xFD]) + bytes(8) + size.to_bytes(2, "big") + bytes(size)
+
+    small, large = record(100), record(MTU - 13)
+    assert _datagrams(small + small) == [small + small]
+    assert _datagrams(small + large + small) == [small, large, small]
+    assert _datagrams(b"") == []
