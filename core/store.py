@@ -7,11 +7,15 @@ buffer behind ``upstream.buffer_dir`` / ``upstream.max_buffer_bytes``: a QoS 1/2
 (committed) *before* the device is acknowledged, and deleted once the upstream broker has acknowledged it.
 
 Durability: :meth:`MessageStore.append`, :meth:`~MessageStore.append_many` and :meth:`~MessageStore.delete`
-return only after their transaction is committed. The database runs in WAL mode with ``synchronous=NORMAL``,
-so **a committed append survives the process dying** (crash, ``SIGKILL``, restart); a power loss or an OS
-crash may lose the last transactions committed since the previous WAL checkpoint (never corrupting the
-file), because commits are not fsync'ed one by one. A message whose delete is lost that way is delivered
-again: QoS 1 allows duplicates.
+return only after their transaction is committed (together with anything still pending). ``append(...,
+commit=False)`` leaves the commit to the caller's :meth:`~MessageStore.commit`, so that the appends of one
+event-loop iteration share one commit (the caller acknowledges them after it). :meth:`~MessageStore.discard`
+is the cheap delete of a hot path: the messages leave the store's view at once, but their deletion is only
+written by the next commit, so a crash before it brings them back at the next open. The database runs in WAL
+mode with ``synchronous=NORMAL``, so **a committed append survives the process dying** (crash, ``SIGKILL``,
+restart); a power loss or an OS crash may lose the last transactions committed since the previous WAL
+checkpoint (never corrupting the file), because commits are not fsync'ed one by one. A message whose delete
+is lost either way is delivered again: QoS 1 allows duplicates.
 
 Bound: an append that would take the total over ``max_bytes`` is refused (``None``, counted in
 :attr:`MessageStore.rejected_full`) and the caller answers the device with its congestion code (MQTT-SN rc
@@ -23,6 +27,11 @@ id cannot remove a newer message; after a reopen, new ids are larger than every 
 before the restart may come back: nothing outlives the process holding it). They are assigned here rather
 than by sqlite's ``AUTOINCREMENT``, which rewrites the ``sqlite_sequence`` page on every insert: one more WAL
 frame per append (5 instead of 4 per append+delete, so a quarter more bytes written and checkpoints).
+
+Reads: the pending messages of a stream that was empty when this process first appended to it are also
+kept in memory (up to ``cache_bytes`` for all streams together), so :meth:`MessageStore.peek` of such a
+stream reads no row back; a stream from an earlier run, or one that outgrew the cache, is read from the
+file until it is empty again.
 
 Threads and asyncio: the store is synchronous and imports no asyncio. A committed append or delete costs
 tens of microseconds (no fsync on commit), which is small enough to call on the event-loop thread. The
@@ -41,6 +50,7 @@ full, I/O error). The caller decides what to do; the store never deletes or rewr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -84,9 +94,9 @@ _PEEK = (
     "SELECT id, topic, payload, qos, retain, properties, created FROM messages"
     " WHERE stream = ? AND id > ? ORDER BY id LIMIT ?"
 )
-_DELETE_ONE = "DELETE FROM messages WHERE id = ? RETURNING stream, size"
-_DELETE_JSON = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING stream, size"
-_SELECT_ONE = "SELECT stream, size FROM messages WHERE id = ?"
+_DELETE_ONE = "DELETE FROM messages WHERE id = ? RETURNING id, stream, size"
+_DELETE_JSON = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, stream, size"
+_SELECT_ONE = "SELECT id, stream, size FROM messages WHERE id = ?"
 _DELETE_PLAIN = "DELETE FROM messages WHERE id = ?"
 _TOTALS = "SELECT stream, count(*), sum(size) FROM messages GROUP BY stream ORDER BY min(id)"
 
@@ -136,6 +146,8 @@ class MessageStore:
     """
 
     __slots__ = (
+        "_cache_bytes",
+        "_cached_bytes",
         "_closed",
         "_con",
         "_execute",
@@ -144,6 +156,7 @@ class MessageStore:
         "_next_id",
         "_path",
         "_streams",
+        "_tails",
         "_total_bytes",
         "_total_count",
         "rejected_full",
@@ -156,12 +169,14 @@ class MessageStore:
         *,
         verify: bool = True,
         autocheckpoint: int = 1000,
+        cache_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         """Open (creating the directory and the file if needed) the store at ``path``.
 
         ``verify`` runs ``PRAGMA quick_check`` (a read of the whole file) so that corruption is reported at
         open rather than in the middle of a delivery. ``autocheckpoint`` is sqlite's ``wal_autocheckpoint``
-        in pages (see :meth:`checkpoint`). Raises :class:`StoreError` naming the path and the cause.
+        in pages (see :meth:`checkpoint`). ``cache_bytes`` bounds the pending messages also kept in memory
+        (see the module docstring; 0: none). Raises :class:`StoreError` naming the path and the cause.
         """
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
@@ -169,6 +184,9 @@ class MessageStore:
         self._max_bytes = max_bytes
         self._closed = True
         self._streams: dict[str, list[int]] = {}
+        self._tails: dict[str, dict[int, StoredMessage]] = {}  # streams whose pending messages are in memory
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._total_count = 0
         self._total_bytes = 0
         self._next_id = 1
@@ -268,10 +286,14 @@ class MessageStore:
         retain: bool = False,
         properties: bytes = b"",
         created: float = 0.0,
+        *,
+        commit: bool = True,
     ) -> int | None:
         """Store one message, committed on return; its id, or ``None`` when it would exceed ``max_bytes``.
 
-        ``created`` is the caller's wall time (the store reads no clock).
+        ``created`` is the caller's wall time (the store reads no clock). With ``commit=False`` the message
+        joins the open transaction and is durable only after :meth:`commit` (group commit: one commit for
+        the messages of a loop iteration); it is readable by :meth:`peek` at once.
         """
         size = len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
         if self._total_bytes + size > self._max_bytes:
@@ -279,21 +301,46 @@ class MessageStore:
             return None
         msg_id = self._next_id
         try:
+            if not commit:
+                self._begin()
             self._execute(
                 _INSERT, (msg_id, stream, topic, payload, qos, 1 if retain else 0, properties, created, size)
             )
+            if commit and self._con.in_transaction:  # with what is pending: one commit for all
+                self._execute("COMMIT")
         except sqlite3.Error as exc:
-            raise self._error("append failed", exc) from exc
+            raise self._failed("append failed", exc) from exc
         self._next_id = msg_id + 1
+        self._count_in(
+            stream, size, StoredMessage(msg_id, stream, topic, payload, qos, retain, properties, created)
+        )
+        return msg_id
+
+    def _count_in(self, stream: str, size: int, message: StoredMessage) -> None:
+        """Totals and the memory tail after an append."""
         self._total_count += 1
         self._total_bytes += size
         totals = self._streams.get(stream)
+        tail: dict[int, StoredMessage] | None
         if totals is None:
             self._streams[stream] = [1, size]
+            tail = self._tails[stream] = {}  # was empty: everything pending from now on is in memory
         else:
             totals[0] += 1
             totals[1] += size
-        return msg_id
+            tail = self._tails.get(stream)
+        if tail is None:
+            return
+        if self._cached_bytes + size > self._cache_bytes:
+            self._uncache(stream)  # read from the file until the stream is empty again
+            return
+        tail[message.id] = message
+        self._cached_bytes += size
+
+    def _uncache(self, stream: str) -> None:
+        tail = self._tails.pop(stream, None)
+        if tail:
+            self._cached_bytes -= sum(message_size(m.topic, m.payload, m.properties) for m in tail.values())
 
     def append_many(self, messages: Iterable[NewMessage]) -> list[int | None]:
         """Like :meth:`append` for each message in order, in one transaction (committed on return).
@@ -319,28 +366,16 @@ class MessageStore:
             next_id += 1
         if rows:
             try:
-                self._execute("BEGIN")
-                try:
-                    self._con.executemany(_INSERT, rows)
-                    self._execute("COMMIT")
-                except BaseException:
-                    if self._con.in_transaction:
-                        self._execute("ROLLBACK")
-                    raise
+                self._begin()
+                self._con.executemany(_INSERT, rows)
+                self._execute("COMMIT")
             except sqlite3.Error as exc:
-                raise self._error("append failed", exc) from exc
+                raise self._failed("append failed", exc) from exc
         self.rejected_full += rejected
         self._next_id = next_id
-        self._total_count += len(rows)
-        self._total_bytes = total
-        streams = self._streams
-        for row in rows:
-            totals = streams.get(row[1])
-            if totals is None:
-                streams[row[1]] = [1, row[8]]
-            else:
-                totals[0] += 1
-                totals[1] += row[8]
+        for msg_id, stream, topic, payload, qos, retained, properties, created, size in rows:
+            stored = StoredMessage(msg_id, stream, topic, payload, qos, bool(retained), properties, created)
+            self._count_in(stream, size, stored)
         return ids
 
     def delete(self, ids: Iterable[int]) -> int:
@@ -348,10 +383,19 @@ class MessageStore:
 
         Unknown and already-deleted ids are ignored, so deleting twice is harmless.
         """
+        removed = self.discard(ids)
+        self.commit()
+        return removed
+
+    def discard(self, ids: Iterable[int]) -> int:
+        """Like :meth:`delete`, but written by the next commit (an append, a delete, :meth:`commit`,
+        :meth:`close`): gone from :meth:`peek` and the totals at once, back after a crash before that
+        commit (see the module docstring)."""
         id_list = [int(i) for i in ids]
         if not id_list:
             return 0
         try:
+            self._begin()
             if not _HAS_RETURNING:
                 rows = self._delete_select(id_list)
             elif len(id_list) == 1:
@@ -359,49 +403,55 @@ class MessageStore:
             elif self._json:
                 rows = self._execute(_DELETE_JSON, (json.dumps(id_list),)).fetchall()
             else:
-                rows = self._delete_each(id_list)
+                rows = [row for msg_id in id_list for row in self._execute(_DELETE_ONE, (msg_id,))]
         except sqlite3.Error as exc:
-            raise self._error("delete failed", exc) from exc
+            raise self._failed("delete failed", exc) from exc
         streams = self._streams
-        for stream, size in rows:
+        tails = self._tails
+        for msg_id, stream, size in rows:
             totals = streams[stream]
             totals[0] -= 1
             totals[1] -= size
-            if not totals[0]:
-                del streams[stream]
             self._total_count -= 1
             self._total_bytes -= size
+            tail = tails.get(stream)
+            if tail is not None and tail.pop(msg_id, None) is not None:
+                self._cached_bytes -= size
+            if not totals[0]:
+                del streams[stream]
+                self._uncache(stream)
         return len(rows)
 
-    def _delete_each(self, ids: list[int]) -> list[Any]:
-        """One ``DELETE ... RETURNING`` per id, in one transaction (when sqlite lacks json_each)."""
-        execute = self._execute
-        execute("BEGIN")
-        try:
-            rows = [row for msg_id in ids for row in execute(_DELETE_ONE, (msg_id,))]
-            execute("COMMIT")
-        except BaseException:
-            if self._con.in_transaction:
-                execute("ROLLBACK")
-            raise
-        return rows
+    def commit(self) -> None:
+        """Commit what :meth:`discard` and ``append(commit=False)`` left pending (nothing to do when nothing
+        is)."""
+        if self._con.in_transaction:
+            try:
+                self._execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._failed("commit failed", exc) from exc
+
+    def _begin(self) -> None:
+        if not self._con.in_transaction:
+            self._execute("BEGIN")
+
+    def _failed(self, what: str, exc: sqlite3.Error) -> StoreError:
+        """Roll back the failed transaction (pending discards included: those messages come back at the
+        next open) and name the cause."""
+        if not self._closed and self._con.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._execute("ROLLBACK")
+        return self._error(what, exc)
 
     def _delete_select(self, ids: list[int]) -> list[Any]:
-        """SELECT then DELETE per id, in one transaction (sqlite older than 3.35 has no RETURNING)."""
+        """SELECT then DELETE per id (sqlite older than 3.35 has no RETURNING), in the open transaction."""
         execute = self._execute
         rows: list[Any] = []
-        execute("BEGIN")
-        try:
-            for msg_id in ids:
-                row = execute(_SELECT_ONE, (msg_id,)).fetchone()
-                if row is not None:
-                    execute(_DELETE_PLAIN, (msg_id,))
-                    rows.append(row)
-            execute("COMMIT")
-        except BaseException:
-            if self._con.in_transaction:
-                execute("ROLLBACK")
-            raise
+        for msg_id in ids:
+            row = execute(_SELECT_ONE, (msg_id,)).fetchone()
+            if row is not None:
+                execute(_DELETE_PLAIN, (msg_id,))
+                rows.append(row)
         return rows
 
     # -- reads
@@ -414,6 +464,15 @@ class MessageStore:
         """
         if limit <= 0:
             return []
+        tail = self._tails.get(stream)
+        if tail is not None:
+            found: list[StoredMessage] = []
+            for msg_id, message in tail.items():  # ids ascend; those at or below after_id are in flight
+                if msg_id > after_id:
+                    found.append(message)
+                    if len(found) == limit:
+                        break
+            return found
         try:
             rows = self._execute(_PEEK, (stream, after_id, limit)).fetchall()
         except sqlite3.Error as exc:
@@ -448,6 +507,11 @@ class MessageStore:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def uncommitted(self) -> bool:
+        """Appends or discards wait for :meth:`commit`."""
+        return not self._closed and self._con.in_transaction
+
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and restart it (two fsyncs: milliseconds on a slow disk).
 
@@ -464,7 +528,11 @@ class MessageStore:
         """Close the database (checkpointing the WAL into it); closing twice is harmless."""
         if not self._closed:
             self._closed = True
+            self._tails.clear()
+            self._cached_bytes = 0
             try:
+                if self._con.in_transaction:
+                    self._execute("COMMIT")
                 self._con.close()
             except sqlite3.Error as exc:
                 raise self._error("close failed", exc) from exc

@@ -9,7 +9,8 @@ rule without dropping anything: the rest waits in the broker session's bounded q
 Only the per-connection calls (``authenticate``, ``open_session``) are coroutines: they may wait for an
 upstream broker's CONNACK. The per-message calls are synchronous and answer at once (the embedded broker
 routes in-process; the upstream one acknowledges a QoS 1/2 publish once it holds it in its store-and-forward
-buffer), so a gateway's hot path creates no task or future per message (DESIGN §6).
+buffer), so a gateway's hot path creates no task or future per message (DESIGN §6). What acknowledges a
+publish to a device leaves only after :meth:`Broker.commit`, which makes the publishes so far durable at once.
 """
 
 from __future__ import annotations
@@ -111,4 +112,10 @@ class Broker(Protocol):
         """Open (or take over) the session of ``client``; raises :class:`SessionRefused` when the broker
         refuses it (edge mode: the upstream broker's CONNACK code). ``credentials`` are what the device
         presented, for a broker that authenticates per session."""
+        ...
+
+    def commit(self) -> None:
+        """Make durable what sessions published so far. A gateway calls it before it sends the datagrams
+        that acknowledge publishes (edge mode: one buffer commit for every publish of a loop iteration);
+        the embedded broker has nothing to do."""
         ...

@@ -7,14 +7,25 @@ Two modes (``upstream.mode``):
   ``clientid_prefix``), clean session, keepalive and will, so that the upstream broker publishes the will when
   the device is lost (the gateway drops that connection without DISCONNECT).
 - ``aggregating``: one shared upstream connection for every device; deliveries are demultiplexed to devices
-  through a local topic trie of their subscriptions, and the gateway publishes wills itself.
+  through a local topic trie of their subscriptions, and the gateway publishes wills itself. Every device's
+  SUBSCRIBE goes upstream, also for a filter the connection already has: the upstream broker then replaces
+  the subscription and sends the filter's retained messages again (MQTT 3.1.1 §3.8.4, 5.0 §3.8.4 with
+  Retain Handling 0). Those arrive after its SUBACK with the retain flag set (only retained messages sent
+  for a subscription carry it, §3.3.1.3), and go only to the device whose SUBSCRIBE that SUBACK answered,
+  so each subscribing device gets the retained messages once and the others none again.
 
 Store-and-forward: every QoS 1/2 message from a device is first committed to a bounded sqlite queue
 (:class:`core.store.MessageStore`, ``upstream.buffer_dir``, ``upstream.max_buffer_bytes``) and acknowledged to
 the device; a forwarder sends each stream upstream in order within the connection's window and deletes a
 message once the upstream broker acknowledged it. An outage, or mqgate restarting, loses nothing that was
-acknowledged; a full buffer answers new QoS 1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01, CoAP
-5.03). QoS 0 during an outage is dropped and counted.
+acknowledged. Group commit: the messages of one event-loop iteration share one sqlite commit, made by
+:meth:`UpstreamBroker.commit`, which the gateways call before they send what acknowledges them (and, as a
+safety net, from the loop right after); deletions ride on the next commit (or one within
+:data:`DELETE_COMMIT_DELAY`). The guarantee is against the process dying (crash, ``SIGKILL``, restart): the
+store runs sqlite in WAL mode with ``synchronous=NORMAL``, so a commit is written to the OS but not fsync'ed;
+a power loss or OS crash may lose the last commits (see :mod:`core.store`). A full buffer answers new QoS
+1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01, CoAP 5.03). QoS 0 during an outage is dropped and
+counted.
 
 Each device keeps a local :class:`core.broker.session.Session` for deliveries (inflight window, bounded
 queue, sleep), exactly as on the embedded broker.
@@ -28,7 +39,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 
 from core.broker.metrics import BrokerMetrics
@@ -37,6 +48,7 @@ from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink,
 from core.clock import Clock
 from core.config import UpstreamConfig, parse_url
 from core.errors import ProtocolError
+from core.logging import client_fields
 from core.mqtt.client import ClientState, MqttClient, UpstreamRefused, tls_context
 from core.mqtt.codec import (
     EMPTY_PROPERTIES,
@@ -56,19 +68,31 @@ __all__ = ["Forwarder", "UpstreamBroker", "UpstreamSession"]
 log = logging.getLogger("mqgate.upstream")
 
 _PEEK = 64
+DELETE_COMMIT_DELAY = 1.0
+"""Seconds the deletion of delivered messages may wait for a commit when no append comes to carry it: a
+crash within them brings those messages back at the next start (sent twice: QoS 1 allows it)."""
 _AGGREGATE_STREAM = "*"
 
 
 class Forwarder:
-    """Sends one stream of the store upstream through one client, in order, within the client's window."""
+    """Sends one stream of the store upstream through one client, in order, within the client's window;
+    ``delivered(id)`` is told of each message the upstream broker has acknowledged (or refused)."""
 
-    __slots__ = ("_cursor", "_unacked", "client", "metrics", "store", "stream")
+    __slots__ = ("_cursor", "_unacked", "client", "delivered", "metrics", "store", "stream")
 
-    def __init__(self, store: MessageStore, stream: str, client: MqttClient, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        stream: str,
+        client: MqttClient,
+        metrics: BrokerMetrics,
+        delivered: Callable[[int], None],
+    ) -> None:
         self.store = store
         self.stream = stream
         self.client = client
         self.metrics = metrics
+        self.delivered = delivered
         self._cursor = 0  # the last id handed to the client
         self._unacked: set[int] = set()
 
@@ -104,7 +128,7 @@ class Forwarder:
         if code >= 0x80:
             self.metrics.dropped_too_large += 1  # refused upstream: counted and not retried
             log.warning("upstream refused a buffered message of %s: reason 0x%02x", self.stream, code)
-        self.store.delete([stored_id])
+        self.delivered(stored_id)
         self.pump()
 
 
@@ -128,6 +152,9 @@ class UpstreamSession:
         self.stream = stream
         self.connection = connection  # transparent mode: the device's own upstream connection
         self.forwarder: Forwarder | None = None
+        self.retained_filters: set[str] = set()
+        """Aggregating: the filters whose retained messages arriving now are this device's (see the module
+        docstring)."""
         self._present = present
         self.closed = False
 
@@ -172,7 +199,13 @@ class UpstreamSession:
         self.local.pubrec(packet_id)
 
     def set_will(self, will: Will | None) -> None:
+        """Transparent: the upstream connection is replaced by one carrying the new will (MQTT sets a will
+        only in CONNECT, §3.1.2.5; see :meth:`MqttClient.set_will`). The device's buffered messages go on
+        in order from the forwarder's cursor; a device with a clean session is subscribed again, so its
+        retained messages come again."""
         self.will = will
+        if self.connection is not None:
+            self.connection.set_will(_will_spec(will))
 
     def read_retained(self, topic: str) -> Message | None:
         """The upstream broker's retained messages are not readable without subscribing: none here."""
@@ -222,11 +255,14 @@ class UpstreamBroker:
         self.store = MessageStore(os.path.join(config.buffer_dir, "buffer.sqlite3"), config.max_buffer_bytes)
         self.sessions: dict[str, UpstreamSession] = {}
         self._routes: TopicTrie[UpstreamSession] = TopicTrie()
-        self._refcount: dict[str, int] = {}
+        self._subscribing: dict[int, tuple[SubscriptionRequest, UpstreamSession]] = {}
         self._shared: MqttClient | None = None
         self._shared_forwarder: Forwarder | None = None
         self._orphans: dict[str, Forwarder] = {}  # transparent streams left from before a restart
         self._closing: set[asyncio.Task[None]] = set()
+        self._delivered: list[int] = []  # acknowledged upstream in this loop iteration
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._commit_soon = False
 
     @property
     def name(self) -> str:
@@ -247,11 +283,12 @@ class UpstreamBroker:
             client_id = self.config.client_id or f"mqgate-edge-{socket.gethostname()}"
             shared = self._shared = self._client(client_id, clean_start=True, will=None, credentials=None)
             shared.on_message = self._route
+            shared.on_suback = self._suback
             forwarder = self._shared_forwarder = Forwarder(
-                self.store, _AGGREGATE_STREAM, shared, self.metrics
+                self.store, _AGGREGATE_STREAM, shared, self.metrics, self._delivered_upstream
             )
             shared.on_writable = forwarder.pump
-            shared.on_connect = lambda present: self._connected(forwarder)
+            shared.on_connect = lambda present: self._shared_connected(forwarder)
             shared.start()
         else:
             for stream in self.store.streams():
@@ -265,11 +302,17 @@ class UpstreamBroker:
         )
         forwarder.pump()
 
+    def _shared_connected(self, forwarder: Forwarder) -> None:
+        """Subscriptions not answered on the lost connection are restored with the rest: their retained
+        messages go to every device on the filter (see :meth:`_suback`)."""
+        self._subscribing.clear()
+        self._connected(forwarder)
+
     def _resume_orphan(self, stream: str) -> None:
         """A transparent device's messages buffered before a restart go out on a connection of their own
         (with the device's client id) until the device comes back."""
         client = self._client(stream, clean_start=True, will=None, credentials=None)
-        forwarder = Forwarder(self.store, stream, client, self.metrics)
+        forwarder = Forwarder(self.store, stream, client, self.metrics, self._delivered_upstream)
         client.on_writable = forwarder.pump
         client.on_connect = lambda present: self._connected(forwarder)
         self._orphans[stream] = forwarder
@@ -284,7 +327,11 @@ class UpstreamBroker:
         for session_client in clients:
             await session_client.stop()
         await asyncio.gather(*self._closing, return_exceptions=True)
-        self.store.close()
+        self._discard_delivered()
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        self.store.close()  # commits the discards
 
     def _client(
         self,
@@ -360,13 +407,10 @@ class UpstreamBroker:
             orphan = self._orphans.pop(stream, None)
             if orphan is not None:
                 await orphan.client.stop()
-            upstream_will = (
-                WillSpec(will.topic, will.payload, will.qos, will.retain, will.properties) if will else None
-            )
             connection = self._client(  # the device's keepalive, clean session and will carried over
                 stream,
                 clean_start=clean_start,
-                will=upstream_will,
+                will=_will_spec(will),
                 credentials=credentials,
                 keepalive=min(client.keepalive, 65535),
             )
@@ -374,16 +418,28 @@ class UpstreamBroker:
                 connack = await connection.connect()
                 present = connack.session_present
             except UpstreamRefused as exc:
-                log.info("upstream refused %s: %s", stream, exc)
+                log.info(
+                    "upstream refused %s: %s",
+                    stream,
+                    exc,
+                    extra=client_fields(client.client_id, client.peer, client.protocol),
+                )
                 raise SessionRefused(exc.reason_code) from None
             except (OSError, TimeoutError, ConnectionError, ProtocolError) as exc:  # garbage too
-                log.info("upstream unreachable for %s (%s): buffering, reconnecting", stream, exc)
+                log.info(
+                    "upstream unreachable for %s (%s): buffering, reconnecting",
+                    stream,
+                    exc,
+                    extra=client_fields(client.client_id, client.peer, client.protocol),
+                )
                 connection.start()
         session = UpstreamSession(self, client, local, will, stream, connection, present)
         local.attach(sink, max_inflight, now)
         self.sessions[client.client_id] = session
         if connection is not None:
-            forwarder = session.forwarder = Forwarder(self.store, stream, connection, self.metrics)
+            forwarder = session.forwarder = Forwarder(
+                self.store, stream, connection, self.metrics, self._delivered_upstream
+            )
             connection.on_writable = forwarder.pump
             connection.on_message = lambda p: session.deliver(_message_of(p))
             connection.on_connect = lambda present: self._connected(forwarder)
@@ -408,7 +464,7 @@ class UpstreamBroker:
 
     def forward(self, session: UpstreamSession, message: Message) -> int:
         """Send a device's message upstream: QoS 0 now or never, QoS 1/2 through the buffer."""
-        self.metrics.messages_received += 1
+        session.local.count_received(message)
         client = session.connection or self._shared
         if message.qos == 0:
             if client is None or not client.publish(
@@ -416,6 +472,9 @@ class UpstreamBroker:
             ):
                 self.dropped_qos0_outage += 1
             return 0
+        if not self._commit_soon:  # the safety net: a path that acknowledges without Broker.commit
+            self._commit_soon = True
+            asyncio.get_running_loop().call_soon(self.commit)
         stored = self.store.append(
             session.stream,
             message.topic,
@@ -424,6 +483,7 @@ class UpstreamBroker:
             message.retain,
             encode_properties(message.properties) if message.properties is not EMPTY_PROPERTIES else b"",
             self.clock.wall(),
+            commit=False,  # committed by commit(), before the gateway acknowledges it
         )
         if stored is None:
             self.buffer_full += 1
@@ -432,6 +492,7 @@ class UpstreamBroker:
                 self.store.bytes(),
                 message.qos,
                 session.client.client_id,
+                extra=client_fields(session.client.client_id, session.client.peer, session.client.protocol),
             )
             return ReasonCode.QUOTA_EXCEEDED
         forwarder = session.forwarder or self._shared_forwarder
@@ -439,37 +500,82 @@ class UpstreamBroker:
             forwarder.pump()
         return 0
 
+    def _delivered_upstream(self, stored_id: int) -> None:
+        """Deleted from the store once per loop iteration, in one statement, committed with the next
+        append or within :data:`DELETE_COMMIT_DELAY` (the delete need not be durable at once: QoS 1)."""
+        delivered = self._delivered
+        if not delivered:
+            asyncio.get_running_loop().call_soon(self._discard_delivered)
+        delivered.append(stored_id)
+
+    def _discard_delivered(self) -> None:
+        if not self._delivered or self.store.closed:
+            return
+        self.store.discard(self._delivered)
+        self._delivered.clear()
+        if self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(DELETE_COMMIT_DELAY, self._commit)
+
+    def _commit(self) -> None:
+        self._commit_timer = None
+        self.commit()
+
+    def commit(self) -> None:
+        """Make the messages accepted so far survive a restart of mqgate (:class:`gateways.base.Broker`):
+        one sqlite commit for all of them; nothing to do when nothing is pending."""
+        self._commit_soon = False
+        if self.store.uncommitted:
+            self.store.commit()
+
     def _route(self, publish: Publish) -> None:
-        """Aggregating: a message from the shared connection goes to every device whose filter matches."""
+        """Aggregating: a message from the shared connection goes to every device whose filter matches; a
+        retained one sent for a subscription only to the devices it was sent for."""
         message = _message_of(publish)
+        topic = publish.topic
         seen: set[int] = set()
-        for values in self._routes.match(publish.topic):
+        for values in self._routes.match(topic):
             for session in values.values():
-                if id(session) not in seen:
-                    seen.add(id(session))
-                    session.deliver(message)
+                if id(session) in seen:
+                    continue
+                seen.add(id(session))
+                if message.retain and not any(filter_matches(f, topic) for f in session.retained_filters):
+                    continue
+                session.deliver(message)
+
+    def _suback(self, requests: tuple[SubscriptionRequest, ...], codes: tuple[int, ...]) -> None:
+        """The retained messages following this SUBACK belong to the device whose SUBSCRIBE it answers; a
+        SUBACK of subscriptions restored after a reconnect brings them to every device on the filter."""
+        for request in requests:
+            topic_filter = request.topic_filter
+            subscribers = self._routes.get(topic_filter).values()
+            entry = self._subscribing.pop(id(request), None)
+            if entry is None or entry[0] is not request:
+                for session in subscribers:
+                    session.retained_filters.add(topic_filter)
+                continue
+            for session in subscribers:
+                session.retained_filters.discard(topic_filter)
+            owner = entry[1]
+            if not owner.closed and topic_filter in owner.local.subscriptions:
+                owner.retained_filters.add(topic_filter)
 
     def subscribed(self, session: UpstreamSession, sub: Subscription) -> None:
         if session.connection is not None:
             session.connection.subscribe([SubscriptionRequest(sub.topic_filter, sub.qos)])
             return
         self._routes.add(sub.topic_filter, session.client.client_id, session)
-        count = self._refcount.get(sub.topic_filter, 0)
-        self._refcount[sub.topic_filter] = count + 1
-        if not count and self._shared is not None:
-            self._shared.subscribe([SubscriptionRequest(sub.topic_filter, 2)])
+        if self._shared is not None:  # again for a known filter: its retained messages come for this device
+            request = SubscriptionRequest(sub.topic_filter, 2)
+            self._subscribing[id(request)] = (request, session)
+            self._shared.subscribe([request])
 
     def unsubscribed(self, session: UpstreamSession, topic_filter: str) -> None:
         if session.connection is not None:
             session.connection.unsubscribe([topic_filter])
             return
+        session.retained_filters.discard(topic_filter)
         self._routes.remove(topic_filter, session.client.client_id)
-        count = self._refcount.get(topic_filter, 0) - 1
-        if count > 0:
-            self._refcount[topic_filter] = count
-            return
-        self._refcount.pop(topic_filter, None)
-        if self._shared is not None:
+        if self._shared is not None and not self._routes.get(topic_filter):  # the last device on it
             self._shared.unsubscribe([topic_filter])
 
     def closed(self, session: UpstreamSession, *, publish_will: bool) -> None:
@@ -499,6 +605,10 @@ class UpstreamBroker:
         task = asyncio.get_running_loop().create_task(coro)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _will_spec(will: Will | None) -> WillSpec | None:
+    return WillSpec(will.topic, will.payload, will.qos, will.retain, will.properties) if will else None
 
 
 def _message_of(publish: Publish) -> Message:

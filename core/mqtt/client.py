@@ -317,8 +317,10 @@ class MqttClient:
         self._unsynced: dict[str, SubscriptionRequest | None] = {}  # changes the server has not acknowledged
         self._pending_subs: dict[int, tuple[SubscriptionRequest, ...]] = {}
         self._pending_unsubs: dict[int, tuple[str, ...]] = {}
+        self._sent_will: WillSpec | None = None  # the will in the CONNECT of the current connection
         # supervisor
         self._task: asyncio.Task[None] | None = None
+        self._reconnect_now = False
         self._lost = asyncio.Event()
         self._handlers: dict[type, Callable[[Any], None]] = {
             Publish: self._on_publish,
@@ -408,6 +410,7 @@ class MqttClient:
         if (self._task is not None and not self._task.done()) or self.state is not ClientState.DISCONNECTED:
             raise RuntimeError("already started or connected")
         self._loop = asyncio.get_running_loop()
+        self._reconnect_now = False
         self._task = self._loop.create_task(self._run(), name=f"mqtt-client {self.name}")
 
     async def stop(self, *, disconnect: bool = True) -> None:
@@ -464,8 +467,8 @@ class MqttClient:
         refused and reported as ``on_done(0x95)`` / ``on_done(0x9A)`` from the loop. Raises ValueError for an
         invalid topic name.
         """
-        if self.state is not ClientState.CONNECTED or self._paused:
-            self._blocked = True
+        if self.state is not ClientState.CONNECTED or self._paused or self.will is not self._sent_will:
+            self._blocked = True  # (a changed will: not until the connection is replaced)
             return False
         inflight = self._inflight
         if qos and len(inflight) >= self._window:
@@ -513,6 +516,32 @@ class MqttClient:
         self._write(data)
         self.publishes_sent += 1
         return True
+
+    def set_will(self, will: WillSpec | None) -> None:
+        """Replace or remove the will. MQTT carries it only in CONNECT (§3.1.2.5), so a connected client
+        stops publishing, waits for the acknowledgements of what it sent (nothing is sent twice), ends the
+        connection with DISCONNECT (reason 0: the server discards the old will, §3.14.4) and connects again
+        with the new will: at once under :meth:`start`; a client driven by :meth:`connect` is left
+        disconnected for its owner to connect again (``on_disconnect`` tells it). A client waiting for CONNACK
+        does so once connected. Subscriptions, and publishes left unacknowledged if the connection is lost
+        meanwhile, follow the rules of any reconnect (module docstring)."""
+        self.will = will
+        if self.state is ClientState.CONNECTED:
+            self._replace_when_drained()
+
+    def _replace_when_drained(self) -> None:
+        if self.will is not self._sent_will and not self._inflight:
+            self._replace_connection()
+
+    def _replace_connection(self) -> None:
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return
+        self._write(encode(Disconnect(), self.protocol_version))
+        self._flush()
+        protocol.transport.close()
+        self._reconnect_now = True
+        self._connection_lost("reconnecting to carry a changed will (§3.1.2.5)", level=logging.INFO)
 
     def subscribe(self, filters: list[SubscriptionRequest]) -> None:
         """Add or change subscriptions (§3.8): remembered for every reconnect, sent now if connected.
@@ -565,6 +594,9 @@ class MqttClient:
             else:
                 connected_at = loop.time()
                 await self._lost.wait()
+                if self._reconnect_now:  # set_will: connect again without a backoff
+                    self._reconnect_now = False
+                    continue
                 if loop.time() - connected_at >= self.backoff_max:
                     attempt = 0
                 why = None
@@ -594,6 +626,7 @@ class MqttClient:
             )
             if props == EMPTY_PROPERTIES:
                 props = EMPTY_PROPERTIES
+        self._sent_will = self.will
         return Connect(
             self._session_id,
             self.protocol_version,
@@ -652,6 +685,9 @@ class MqttClient:
             waiter.set_result(connack)
         if self.on_connect is not None:
             self._call(self.on_connect, present)
+        if self.will is not self._sent_will:  # set_will while CONNECT was on its way
+            self._replace_when_drained()
+            return
         self._notify_writable()
 
     def _resume_session(self) -> None:
@@ -880,7 +916,9 @@ class MqttClient:
             self.acked += 1
         if entry.on_done is not None:
             self._call(entry.on_done, code)
-        if self._blocked and not self._paused and len(self._inflight) < self._window:
+        if self.will is not self._sent_will:
+            self._replace_when_drained()
+        elif self._blocked and not self._paused and len(self._inflight) < self._window:
             self._notify_writable()
 
     def _on_suback(self, p: Suback) -> None:

@@ -451,16 +451,7 @@ def test_will_of_a_lost_device_is_published_upstream(
     assert published_by_gateway == (0 if mode == "transparent" else 1)
 
 
-WILL_UPDATE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="bug: in transparent mode the will goes upstream once, in the device's CONNECT; "
-    "UpstreamSession.set_will (WILLTOPICUPD/WILLMSGUPD, MQTT-SN §6.3) only changes the gateway's copy, so "
-    "mosquitto publishes the old will when the device is lost (and still publishes it after an empty "
-    "WILLTOPICUPD deleted it)",
-)
-
-
-@pytest.mark.parametrize("mode", [pytest.param("transparent", marks=WILL_UPDATE_XFAIL), "aggregating"])
+@MODES
 def test_will_updated_by_the_device_is_the_one_published(
     mode: str, mosquittos: Callable[..., Mosquitto], edges: Edges, sn: Any, clients: Clients
 ) -> None:
@@ -476,6 +467,32 @@ def test_will_updated_by_the_device_is_the_one_published(
     assert device.expect(codec.WillMsgResp).return_code == 0
     message = watcher.expect(timeout=TIMEOUT)  # keepalive 1 s (+50 %) expires
     assert (message.topic, message.payload, message.qos) == ("will/new", b"new message", 1)
+
+
+@MODES
+def test_will_update_in_the_middle_of_a_stream_of_qos1_publishes_loses_and_reorders_none(
+    mode: str, mosquittos: Callable[..., Mosquitto], edges: Edges, sn: Any, clients: Clients
+) -> None:
+    """Transparent: the device's upstream connection is replaced to carry the new will while its messages are
+    on their way; its subscription is restored on the new connection."""
+    broker = mosquittos()
+    running = edges.start(url_of(broker), mode)
+    watcher = clients.paho(broker.port, "upd-watcher", version=5)
+    assert watcher.subscribe("upd/#", 1) == 1
+    device = sn(running).raw()
+    device.connect("upd-dev", will=("will/upd-dev", b"old", 1, False))
+    topic_id = device.register("upd/t")
+    assert device.subscribe("upd/down", 1).return_code == 0
+    wait_linked(running)
+    publish_windowed(device, topic_id, numbered(200), window=8)
+    device.send(codec.WillTopicUpd("will/upd-dev", 1, False))
+    assert device.expect(codec.WillTopicResp).return_code == 0
+    publish_windowed(device, topic_id, numbered(200, 200), window=8)
+    received = [m.payload for m in watcher.expect_many(400, timeout=DRAIN_TIMEOUT)]
+    assert received == numbered(400)
+    wait_linked(running)
+    watcher.publish("upd/down", b"still subscribed", 1)
+    assert device.receive_publish().data == b"still subscribed"
 
 
 @MODES
@@ -585,21 +602,7 @@ def test_unsubscribe_of_one_device_leaves_the_others_subscription(
     leaving.expect_nothing(0.2)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "transparent",
-        pytest.param(
-            "aggregating",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: aggregating mode subscribes the shared connection to a filter only for its "
-                "first device (UpstreamBroker.subscribed refcount), so mosquitto sends the retained message "
-                "once and a second device subscribing to the same filter never gets it",
-            ),
-        ),
-    ],
-)
+@MODES
 def test_every_device_subscribing_gets_the_retained_message(
     mode: str, mosquittos: Callable[..., Mosquitto], edges: Edges, sn: Any, clients: Clients
 ) -> None:

@@ -308,19 +308,27 @@ CHILD = """
 import sys
 from core.store import MessageStore
 store = MessageStore(sys.argv[1], 1 << 30)
+group = int(sys.argv[2])  # 1: each append commits; more: a group commit after that many
 i = 0
 while True:
-    msg_id = store.append(f"dev-{i % 3}", f"t/{i}", i.to_bytes(4, "big") * 8, 1, False, b"", float(i))
-    print("ok", i, msg_id, flush=True)
+    batch = []
+    for i in range(i, i + group):
+        payload = i.to_bytes(4, "big") * 8
+        msg_id = store.append(f"dev-{i % 3}", f"t/{i}", payload, 1, False, b"", float(i), commit=group == 1)
+        batch.append((i, msg_id))
+    store.commit()
+    for n, msg_id in batch:
+        print("ok", n, msg_id, flush=True)
     i += 1
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_every_append_reported_committed_survives_a_sigkill_of_the_writer(db: Path) -> None:
+@pytest.mark.parametrize("group", [1, 7], ids=["commit-each", "group-commit"])
+def test_every_append_reported_committed_survives_a_sigkill_of_the_writer(db: Path, group: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(db)],
+        [sys.executable, "-c", CHILD, str(db), str(group)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -367,6 +375,81 @@ def test_every_append_reported_committed_survives_a_sigkill_of_the_writer(db: Pa
         for stream in store.streams():
             sequence = [int(m.topic[2:]) for m in store.peek(stream, BIG)]
             assert sequence == sorted(sequence)
+
+
+# -- group commit, deferred deletes, the memory tail
+
+
+def die(store: MessageStore) -> None:
+    """What the process dying leaves: the connection gone without a COMMIT (sqlite rolls back)."""
+    store._con.close()
+    store._closed = True
+
+
+def test_uncommitted_appends_and_discards_are_visible_at_once_and_lost_without_commit(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        kept = put(store)
+        gone = store.append("s", "t", b"uncommitted", 1, commit=False)
+        assert store.uncommitted and store.count() == 2
+        assert _ids(store.peek("s", 10)) == [kept, gone]
+        die(store)  # sqlite never saw a COMMIT
+    with MessageStore(db, BIG) as store:
+        assert _ids(list(store)) == [kept]
+        assert store.discard([kept]) == 1
+        assert store.uncommitted and store.count() == 0 and store.peek("s", 10) == []
+        die(store)
+    with MessageStore(db, BIG) as store:
+        assert _ids(list(store)) == [kept]  # a deletion lost with the process: sent again, QoS 1 allows it
+        later = store.append("s", "t", b"y", 1, commit=False)
+        assert store.discard([kept]) == 1
+        store.commit()
+        assert not store.uncommitted
+        die(store)
+    with MessageStore(db, BIG) as store:
+        assert _ids(list(store)) == [later]
+
+
+def test_an_append_that_commits_carries_the_pending_discards(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        first = put(store)
+        store.discard([first])
+        second = put(store)
+        assert not store.uncommitted
+        die(store)
+    with MessageStore(db, BIG) as store:
+        assert _ids(list(store)) == [second]
+
+
+def test_close_commits_what_is_pending(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        first = put(store)
+        second = store.append("s", "t", b"y", 1, commit=False)
+        store.discard([first])
+    with MessageStore(db, BIG) as store:
+        assert _ids(list(store)) == [second]
+
+
+def test_a_stream_over_the_cache_bound_is_read_from_the_file_until_it_is_empty(db: Path) -> None:
+    size = message_size("t", b"x" * 10)
+    with MessageStore(db, BIG, cache_bytes=3 * size) as store:
+        ids = [put(store, "s", "t", b"x" * 10) for _ in range(5)]
+        assert "s" not in store._tails  # the fourth did not fit: the stream went back to the file
+        assert _ids(store.peek("s", 3, after_id=ids[0])) == ids[1:4]
+        store.delete(ids)
+        again = put(store, "s", "t", b"x" * 10)
+        assert store._tails["s"] == {again: store.peek("s", 1)[0]}
+        assert store._cached_bytes == size
+
+
+def test_streams_of_an_earlier_run_are_read_from_the_file(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        old = put(store, "old")
+    with MessageStore(db, BIG) as store:
+        assert store._tails == {}
+        new = put(store, "old")
+        fresh = put(store, "fresh")
+        assert _ids(store.peek("old", 10)) == [old, new]
+        assert set(store._tails) == {"fresh"} and _ids(store.peek("fresh", 10)) == [fresh]
 
 
 # -- bad files
@@ -455,13 +538,15 @@ class StoreMachine(RuleBasedStateMachine):
     """Random appends, batches, deletes, peeks and reopens against a dict of the pending messages."""
 
     MAX_BYTES = 500
+    CACHE_BYTES = 200  # some streams in memory, some read from the file
 
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="mqgate-store-", dir=_FAST_TMP)
         self.path = os.path.join(self.directory, "store.db")
-        self.store = MessageStore(self.path, self.MAX_BYTES)
+        self.store = MessageStore(self.path, self.MAX_BYTES, cache_bytes=self.CACHE_BYTES)
         self.model: dict[int, StoredMessage] = {}
+        self.durable: dict[int, StoredMessage] = {}  # what a crash leaves
         self.rejected = 0
         self.newest = 0
 
@@ -480,14 +565,20 @@ class StoreMachine(RuleBasedStateMachine):
         self.newest = msg_id
         self.model[msg_id] = StoredMessage(msg_id, *message)
 
-    @rule(message=_messages)
-    def append(self, message: NewMessage) -> None:
-        self._apply(message, self.store.append(*message))
+    @rule(message=_messages, commit=st.booleans())
+    def append(self, message: NewMessage, commit: bool) -> None:
+        msg_id = self.store.append(*message, commit=commit)
+        self._apply(message, msg_id)
+        if commit and msg_id is not None:
+            self.durable = dict(self.model)
 
     @rule(messages=st.lists(_messages, max_size=5))
     def append_many(self, messages: list[NewMessage]) -> None:
-        for message, msg_id in zip(messages, self.store.append_many(messages), strict=True):
+        ids = self.store.append_many(messages)
+        for message, msg_id in zip(messages, ids, strict=True):
             self._apply(message, msg_id)
+        if any(i is not None for i in ids):  # committed, with whatever was pending
+            self.durable = dict(self.model)
 
     @rule(
         picks=st.lists(st.integers(0, 1 << 20), max_size=6), others=st.lists(st.integers(-2, 99), max_size=2)
@@ -500,6 +591,29 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.delete(ids) == len(expected)
         for i in expected:
             del self.model[i]
+        self.durable = dict(self.model)
+
+    @rule(pick=st.integers(0, 1 << 20))
+    def discard(self, pick: int) -> None:
+        known = sorted(self.model)
+        if known:
+            msg_id = known[pick % len(known)]
+            assert self.store.discard([msg_id]) == 1
+            del self.model[msg_id]
+
+    @rule()
+    def commit(self) -> None:
+        self.store.commit()
+        self.durable = dict(self.model)
+
+    @rule()
+    def crash(self) -> None:
+        """The process dies: what was not committed is gone, deletions come back."""
+        die(self.store)
+        self.store = MessageStore(self.path, self.MAX_BYTES, cache_bytes=self.CACHE_BYTES)
+        self.model = dict(self.durable)
+        self.rejected = 0
+        self.newest = max(self.model, default=0)
 
     @rule(stream=_streams, limit=st.integers(-1, 6), pick=st.integers(0, 1 << 20), after_known=st.booleans())
     def peek(self, stream: str, limit: int, pick: int, after_known: bool) -> None:
@@ -511,7 +625,8 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.store.close()
-        self.store = MessageStore(self.path, self.MAX_BYTES)
+        self.durable = dict(self.model)
+        self.store = MessageStore(self.path, self.MAX_BYTES, cache_bytes=self.CACHE_BYTES)
         self.rejected = 0
         self.newest = max(self.model, default=0)
 
