@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import fields
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,11 @@ from prometheus_client.registry import Collector
 from core import __version__
 from core.alarms import AlarmManager
 from core.broker.broker import Broker
+from core.broker.metrics import QOS_LEVELS, BrokerMetrics
 from core.broker.session import Session
 from core.broker.types import ClientInfo, Message, Subscription
 from core.config import parse_bind
-from core.listeners.tcp import format_peer
+from core.logging import format_peer
 from core.topics import validate_topic
 from core.trace import Trace, TraceError, TraceManager
 
@@ -482,11 +484,17 @@ class ApiServer:
 
     @staticmethod
     def _gateway_counters(core: Any) -> dict[str, int]:
+        """The counters of a gateway; a CoAP or LwM2M one adds its message layer's (datagrams,
+        retransmissions, duplicates ...)."""
         metrics = getattr(core, "metrics", None)
         if metrics is not None and hasattr(metrics, "as_dict"):
             counters: dict[str, int] = metrics.as_dict()
             return counters
-        return dict(getattr(core, "counters", {}))
+        counters = dict(getattr(core, "counters", {}))
+        endpoint = getattr(core, "endpoint", None)
+        if endpoint is not None:
+            counters.update((f.name, getattr(endpoint.metrics, f.name)) for f in fields(endpoint.metrics))
+        return counters
 
     def _gateway_view(self, name: str, *, details: bool) -> dict[str, Any]:
         found = [(listener_id, core) for kind, listener_id, core in self._gateways() if kind == name]
@@ -545,7 +553,7 @@ class ApiServer:
     @property
     def traces(self) -> TraceManager:
         if self._traces is None:
-            self._traces = TraceManager(self.broker, self.config.trace_dir)
+            self._traces = TraceManager(self.broker, self.config.trace_dir, self.app.listeners.values)
         return self._traces
 
     def _trace(self, request: web.Request) -> Trace:
@@ -721,6 +729,12 @@ class MetricsCollector(Collector):
         yield from self._upstream()
 
     def _broker(self, broker: Broker) -> Iterator[Metric]:
+        sessions_of_all: list[Session] = list(broker.sessions.values())
+        m = broker.metrics
+        upstream = self.app.upstream
+        if upstream is not None:  # edge mode: the gateways' devices have their sessions there
+            sessions_of_all += [s.local for s in upstream.sessions.values()]
+            m = m.add(upstream.metrics)
         connections = GaugeMetricFamily(
             "mqgate_connections", "Clients with an attached connection, by protocol", labels=["protocol"]
         )
@@ -737,7 +751,7 @@ class MetricsCollector(Collector):
             "mqgate_inflight_messages", "Unacknowledged QoS 1/2 deliveries, by protocol", labels=["protocol"]
         )
         counts: dict[str, list[int]] = {p: [0, 0, 0, 0, 0] for p in PROTOCOLS}
-        for session in broker.sessions.values():
+        for session in sessions_of_all:
             row = counts.setdefault(session.client.protocol, [0, 0, 0, 0, 0])
             row[1] += 1
             if session.sink is not None:
@@ -753,14 +767,16 @@ class MetricsCollector(Collector):
             queued.add_metric([protocol], row[3])
             inflight.add_metric([protocol], row[4])
         yield from (connections, sessions, asleep, queued, inflight)
-        m = broker.metrics
+        yield from _traffic(m)
         yield _counter(
-            "mqgate_messages_received", "Application messages received from clients", m.messages_received
+            "mqgate_messages_published",
+            "Messages routed by the broker (clients, wills, API)",
+            m.messages_published,
         )
-        yield _counter("mqgate_messages_sent", "Application messages sent to MQTT clients", m.messages_sent)
-        yield _counter("mqgate_messages_published", "Messages routed by the broker", m.messages_published)
-        yield _counter("mqgate_bytes_received", "Bytes received on MQTT connections", m.bytes_received)
-        yield _counter("mqgate_bytes_sent", "Bytes sent on MQTT connections", m.bytes_sent)
+        yield _wire_bytes(
+            "mqgate_bytes_received", "Bytes received on the wire, by protocol", m.bytes_received
+        )
+        yield _wire_bytes("mqgate_bytes_sent", "Bytes sent on the wire, by protocol", m.bytes_sent)
         yield _counter("mqgate_packets_received", "MQTT packets received", m.packets_received)
         yield _counter("mqgate_packets_sent", "MQTT packets sent", m.packets_sent)
         yield _counter(
@@ -791,6 +807,7 @@ class MetricsCollector(Collector):
             auth.add_metric(["success"], stats.auth_success)
             auth.add_metric(["failure"], stats.auth_failure)
             auth.add_metric(["banned"], stats.auth_banned)
+            auth.add_metric(["handshake_failure"], stats.handshake_failure)
             denied = CounterMetricFamily(
                 "mqgate_acl_denied", "Operations refused by the ACL, by action", labels=["action"]
             )
@@ -806,7 +823,9 @@ class MetricsCollector(Collector):
             labels=["listener", "event"],
         )
         retransmissions = CounterMetricFamily(
-            "mqgate_retransmissions", "Retransmissions to devices, by gateway listener", labels=["listener"]
+            "mqgate_retransmissions",
+            "Gateway retransmissions to devices (MQTT-SN retries, CoAP/LwM2M CON), by protocol and listener",
+            labels=["protocol", "listener"],
         )
         clients = GaugeMetricFamily(
             "mqgate_gateway_clients", "Clients known to each gateway listener", labels=["listener"]
@@ -818,10 +837,9 @@ class MetricsCollector(Collector):
             values = ApiServer._gateway_counters(core)
             for event, value in sorted(values.items()):
                 counters.add_metric([listener_id, event], value)
-            retransmissions.add_metric([listener_id], values.get("retransmissions", 0))
-            clients.add_metric(
-                [listener_id], len(ApiServer._gateway_clients(listener_id.split(":", 1)[0], core))
-            )
+            protocol = listener_id.split(":", 1)[0]
+            retransmissions.add_metric([protocol, listener_id], values.get("retransmissions", 0))
+            clients.add_metric([listener_id], len(ApiServer._gateway_clients(protocol, core)))
         yield from (counters, retransmissions, clients)
 
     def _upstream(self) -> Iterator[Metric]:
@@ -863,3 +881,48 @@ def _gauge(name: str, documentation: str, labels: dict[str, str], value: float) 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def _wire_bytes(name: str, documentation: str, mqtt: int) -> CounterMetricFamily:
+    """Wire bytes: counted by the MQTT connections; the UDP gateways count datagrams instead."""
+    family = CounterMetricFamily(name, documentation, labels=["protocol"])
+    family.add_metric(["mqtt"], mqtt)
+    return family
+
+
+_TRAFFIC = (
+    (
+        "mqgate_messages_received",
+        "Application messages received from clients and accepted for routing, by the client's protocol and "
+        "the message QoS (MQTT-SN QoS -1 counts as 0)",
+        "received",
+    ),
+    (
+        "mqgate_payload_bytes_received",
+        "Payload bytes of the messages received, by protocol and QoS",
+        "received_bytes",
+    ),
+    (
+        "mqgate_messages_sent",
+        "Application messages delivered to clients (first transmissions), by protocol and delivered QoS",
+        "sent",
+    ),
+    ("mqgate_payload_bytes_sent", "Payload bytes of the messages sent, by protocol and QoS", "sent_bytes"),
+    (
+        "mqgate_messages_redelivered",
+        "QoS 1/2 deliveries sent again with DUP after a reconnect or a wake-up, by protocol and QoS",
+        "redelivered",
+    ),
+)
+
+
+def _traffic(metrics: BrokerMetrics) -> Iterator[CounterMetricFamily]:
+    """The per-protocol, per-QoS tables of :class:`BrokerMetrics` as labelled counters."""
+    protocols = list(metrics.reported_protocols())
+    for name, documentation, attribute in _TRAFFIC:
+        table: list[int] = getattr(metrics, attribute)
+        family = CounterMetricFamily(name, documentation, labels=["protocol", "qos"])
+        for protocol, slot in protocols:
+            for qos in range(QOS_LEVELS):
+                family.add_metric([protocol, str(qos)], table[slot + qos])
+        yield family

@@ -21,6 +21,7 @@ from core.broker.retain import RetainStore
 from core.broker.session import NEVER_EXPIRES, Session
 from core.broker.types import ClientInfo, DeliverySink, Message, Subscription, Will
 from core.config import BrokerConfig
+from core.logging import client_fields
 from core.mqtt.numbers import ReasonCode
 from core.topics import SharedFilter, TopicTrie, parse_shared, validate_filter
 
@@ -97,7 +98,12 @@ class Broker:
         if session is not None and session.sink is not None:
             old_sink = session.sink
             self.metrics.sessions_taken_over += 1
-            log.info("client %s (%s) takes over the session from another connection", client_id, client.peer)
+            log.info(
+                "client %s (%s) takes over the session from another connection",
+                client_id,
+                client.peer,
+                extra=client_fields(client_id, client.peer, client.protocol),
+            )
             # Clean Start 1 ends the session, so a delayed will is due now (§3.1.3.2).
             self.connection_lost(session, publish_will=True, now=now, takeover=not clean_start)
             old_sink.kick(ReasonCode.SESSION_TAKEN_OVER)
@@ -160,23 +166,34 @@ class Broker:
         topic, allowed = self.access.check_publish(session.client, will.topic)
         if not allowed:
             self.access.stats.wills_denied += 1
-            log.info("the will of %s to %s is not authorised, dropped", session.client_id, will.topic)
-            return
-        self.metrics.wills_published += 1
-        log.info("publishing the will of %s to %s", session.client_id, topic)
-        expiry = will.properties.message_expiry_interval
-        self.publish(
-            Message(
-                topic,
-                will.payload,
-                will.qos,
-                will.retain,
+            log.info(
+                "the will of %s to %s is not authorised, dropped",
                 session.client_id,
-                will.properties,
-                now + expiry if expiry else None,
-            ),
-            now,
+                will.topic,
+                extra=client_fields(session.client_id, session.client.peer, session.client.protocol),
+            )
+            return
+        metrics = self.metrics
+        metrics.wills_published += 1
+        metrics.messages_published += 1
+        log.info(
+            "publishing the will of %s to %s",
+            session.client_id,
+            topic,
+            extra=client_fields(session.client_id, session.client.peer, session.client.protocol),
         )
+        expiry = will.properties.message_expiry_interval
+        message = Message(
+            topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            session.client_id,
+            will.properties,
+            now + expiry if expiry else None,
+        )
+        if not self._fan_out(message):
+            metrics.dropped_no_subscribers += 1
 
     def _end_session(self, session: Session, now: float) -> None:
         if session.will is not None and session.will_at is not None:
@@ -214,7 +231,11 @@ class Broker:
             if session.will_at is not None and session.will_at <= now:
                 self._publish_will(session, now)
             if session.expires_at is not None and session.expires_at <= now:
-                log.info("session of %s expired", client_id)
+                log.info(
+                    "session of %s expired",
+                    client_id,
+                    extra=client_fields(session.client_id, session.client.peer, session.client.protocol),
+                )
                 self._end_session(session, now)
             elif session.will_at is None and session.expires_at is None:
                 self._expiring.discard(client_id)
@@ -251,7 +272,12 @@ class Broker:
             return code, []
         topic_filter, allowed = self.access.check_subscribe(session.client, sub.topic_filter)
         if not allowed:
-            log.debug("client %s may not subscribe to %s", session.client_id, topic_filter)
+            log.debug(
+                "client %s may not subscribe to %s",
+                session.client_id,
+                topic_filter,
+                extra=client_fields(session.client_id, session.client.peer, session.client.protocol),
+            )
             return ReasonCode.NOT_AUTHORIZED, []
         if topic_filter != sub.topic_filter:
             code = self.check_filter(topic_filter)
@@ -317,8 +343,23 @@ class Broker:
     # --- publishing
 
     def publish(self, message: Message, now: float) -> int:
-        """Route ``message`` to every matching subscription; returns how many matched."""
-        self.metrics.messages_published += 1
+        """Route ``message`` to every matching subscription; returns how many matched.
+
+        A message of a client (its ``sender`` has a session) is counted by the client's protocol and its
+        QoS; one of mqgate itself (the API, alarms) only as published.
+        """
+        metrics = self.metrics
+        origin = self.sessions.get(message.sender)
+        if origin is not None:
+            origin.count_received(message)
+        metrics.messages_published += 1
+        count = self._fan_out(message)
+        if not count:
+            metrics.dropped_no_subscribers += 1
+        return count
+
+    def _fan_out(self, message: Message) -> int:
+        """Store a retained message and deliver to every matching subscription; returns how many matched."""
         if message.retain and not self.retained.store(message):
             self.metrics.retained_rejected_full += 1
         topic = message.topic
@@ -339,8 +380,6 @@ class Broker:
                     session, sub = self._pick(group, message)
                     session.deliver(message, sub, group)
                     count += 1
-        if not count:
-            self.metrics.dropped_no_subscribers += 1
         return count
 
     def _route(self, topic: str) -> Route:
@@ -399,32 +438,33 @@ class Broker:
     # --- $SYS
 
     def publish_sys(self, now: float) -> None:
-        """Publish the $SYS/brokers/{node}/... topics (retained, like mosquitto's $SYS tree)."""
+        """Publish the $SYS/brokers/{node}/... topics (retained, like mosquitto's $SYS tree), with message
+        totals per protocol under ``messages/{received,sent,redelivered}/{protocol}``. They are not counted
+        as published or dropped messages: the figures they carry stay what the clients did."""
         m = self.metrics
-        connected = sum(1 for s in self.sessions.values() if s.sink is not None)
+        sessions = self.sessions.values()
+        connected = sum(1 for s in sessions if s.sink is not None)
         base = f"$SYS/brokers/{self.node_name}/"
         values = {
             "version": f"mqgate {__version__}",
             "uptime": str(int(now - self.started_at)),
             "clients/connected": str(connected),
+            "clients/asleep": str(sum(1 for s in sessions if s.sink is not None and s.parked)),
             "clients/total": str(len(self.sessions)),
             "clients/disconnected": str(len(self.sessions) - connected),
             "subscriptions/count": str(self.subscription_count()),
             "retained/count": str(len(self.retained)),
             "messages/received": str(m.messages_received),
             "messages/sent": str(m.messages_sent),
-            "messages/dropped": str(
-                m.dropped_no_subscribers
-                + m.dropped_queue_full
-                + m.dropped_qos0_offline
-                + m.dropped_expired
-                + m.dropped_too_large
-                + m.dropped_slow_consumer
-            ),
+            "messages/dropped": str(m.messages_dropped),
+            "messages/queued": str(sum(len(s.queue) for s in sessions)),
             "bytes/received": str(m.bytes_received),
             "bytes/sent": str(m.bytes_sent),
             "packets/received": str(m.packets_received),
             "packets/sent": str(m.packets_sent),
         }
+        for direction, table in (("received", m.received), ("sent", m.sent), ("redelivered", m.redelivered)):
+            for protocol, total in m.by_protocol(table).items():
+                values[f"messages/{direction}/{protocol}"] = str(total)
         for name, value in values.items():
-            self.publish(Message(base + name, value.encode(), 0, True, ""), now)
+            self._fan_out(Message(base + name, value.encode(), 0, True, ""))

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from core.broker.metrics import BrokerMetrics, protocol_slot
 from core.broker.types import ClientInfo, DeliverySink, Message, Subscription, Will
-
-if TYPE_CHECKING:
-    from core.broker.metrics import BrokerMetrics
 
 __all__ = ["Inflight", "Queued", "Session"]
 
@@ -55,6 +52,7 @@ class Session:
         "inflight",
         "max_inflight",
         "max_queue",
+        "metric_slot",
         "metrics",
         "parked",
         "queue",
@@ -89,6 +87,7 @@ class Session:
         self.will: Will | None = None
         self.will_at: float | None = None
         self.metrics = metrics
+        self.metric_slot = protocol_slot(client.protocol)
         self._next_packet_id = 1
 
     @property
@@ -108,16 +107,28 @@ class Session:
         retain = message.retain and sub.retain_as_published
         sub_ids = (sub.subscription_id,) if sub.subscription_id else ()
         sink = self.sink
-        if sink is not None and not self.parked:
-            if qos == 0:
-                sink.deliver(message, 0, 0, False, retain, sub_ids)
-                return
-            if not self.queue and len(self.inflight) < self.max_inflight:
+        if sink is not None and not self.parked and (qos == 0 or not self.queue):
+            packet_id = 0
+            if qos:
+                if len(self.inflight) >= self.max_inflight:
+                    self.enqueue(Queued(message, qos, retain, sub_ids, share_group))
+                    return
                 packet_id = self._allocate_packet_id()
                 self.inflight[packet_id] = Inflight(message, qos, retain, sub_ids, share_group)
-                sink.deliver(message, qos, packet_id, False, retain, sub_ids)
-                return
+            metrics = self.metrics
+            slot = self.metric_slot + qos
+            metrics.sent[slot] += 1
+            metrics.sent_bytes[slot] += len(message.payload)
+            sink.deliver(message, qos, packet_id, False, retain, sub_ids)
+            return
         self.enqueue(Queued(message, qos, retain, sub_ids, share_group))
+
+    def count_received(self, message: Message) -> None:
+        """Count a message this session's client published, by its protocol and the message's QoS."""
+        metrics = self.metrics
+        slot = self.metric_slot + message.qos
+        metrics.received[slot] += 1
+        metrics.received_bytes[slot] += len(message.payload)
 
     def deliver_retained(self, message: Message, sub: Subscription) -> None:
         """A retained message sent because of a new subscription keeps its retain flag (§3.3.1.3)."""
@@ -152,6 +163,7 @@ class Session:
         """Send queued messages while the client is online and its window has room."""
         sink = self.sink
         queue = self.queue
+        metrics = self.metrics
         while queue and sink is not None and not self.parked:
             item = queue[0]
             if item.qos and len(self.inflight) >= self.max_inflight:
@@ -159,7 +171,7 @@ class Session:
             queue.popleft()
             expires_at = item.message.expires_at
             if expires_at is not None and expires_at <= now:
-                self.metrics.dropped_expired += 1
+                metrics.dropped_expired += 1
                 continue
             packet_id = 0
             if item.qos:
@@ -167,6 +179,9 @@ class Session:
                 self.inflight[packet_id] = Inflight(
                     item.message, item.qos, item.retain, item.sub_ids, item.share_group
                 )
+            slot = self.metric_slot + item.qos
+            metrics.sent[slot] += 1
+            metrics.sent_bytes[slot] += len(item.message.payload)
             sink.deliver(item.message, item.qos, packet_id, False, item.retain, item.sub_ids)
             sink = self.sink
 
@@ -210,6 +225,7 @@ class Session:
         """A connection takes the session: resend unacknowledged deliveries (DUP, §4.4), then the queue."""
         self.sink = sink
         self.parked = False
+        self.metric_slot = protocol_slot(self.client.protocol)
         self.max_inflight = max_inflight
         self.expires_at = None
         self.will_at = None
@@ -224,6 +240,7 @@ class Session:
             if entry.released:
                 sink.deliver_pubrel(packet_id)
             else:
+                self.metrics.redelivered[self.metric_slot + entry.qos] += 1
                 sink.deliver(entry.message, entry.qos, packet_id, True, entry.retain, entry.sub_ids)
 
     def detach(self) -> None:

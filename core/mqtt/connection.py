@@ -20,6 +20,7 @@ from typing import Protocol
 from core.broker.broker import Broker
 from core.broker.session import NEVER_EXPIRES, Session
 from core.broker.types import ClientInfo, Credentials, Message, Subscription, Will
+from core.logging import client_fields
 from core.mqtt.codec import (
     EMPTY_PROPERTIES,
     Connack,
@@ -145,6 +146,7 @@ class MqttConnection:
                     "connection from %s did not start with CONNECT (first byte 0x%02x), closing",
                     self.peer,
                     data[0],
+                    extra=client_fields(None, self.peer, "mqtt"),
                 )
                 self._close(now, publish_will=False)
                 return
@@ -172,7 +174,12 @@ class MqttConnection:
             return
         self.state = ConnectionState.CLOSED
         if self.session is not None:
-            log.info("client %s (%s) connection lost", self.client_id, self.peer)
+            log.info(
+                "client %s (%s) connection lost",
+                self.client_id,
+                self.peer,
+                extra=client_fields(self.client_id, self.peer, "mqtt"),
+            )
             self.broker.connection_lost(self.session, publish_will=True, now=now)
             self.session = None
 
@@ -183,7 +190,12 @@ class MqttConnection:
         if self.state is ConnectionState.AWAITING_CONNECT:
             deadline = self.opened_at + CONNECT_TIMEOUT
             if now >= deadline:
-                log.info("connection from %s sent no CONNECT in %.0f s, closing", self.peer, CONNECT_TIMEOUT)
+                log.info(
+                    "connection from %s sent no CONNECT in %.0f s, closing",
+                    self.peer,
+                    CONNECT_TIMEOUT,
+                    extra=client_fields(None, self.peer, "mqtt"),
+                )
                 self._close(now, publish_will=False)
                 return None
             return deadline
@@ -193,7 +205,13 @@ class MqttConnection:
         if now < deadline:
             return deadline
         self.broker.metrics.keepalive_timeouts += 1
-        log.info("client %s (%s) keepalive timeout after %d s", self.client_id, self.peer, self.keepalive)
+        log.info(
+            "client %s (%s) keepalive timeout after %d s",
+            self.client_id,
+            self.peer,
+            self.keepalive,
+            extra=client_fields(self.client_id, self.peer, "mqtt"),
+        )
         self._send_disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keepalive timeout")
         self._close(now, publish_will=True)
         return None
@@ -291,13 +309,25 @@ class MqttConnection:
         self._write(encode(Connack(present, 0, connack_props), self.version))
         for data in early:
             self._write(data)
-        log.debug(
-            "client %s (%s) connected, v%d, clean_start=%s", client_id, self.peer, self.version, p.clean_start
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client %s (%s) connected, v%d, clean_start=%s",
+                client_id,
+                self.peer,
+                self.version,
+                p.clean_start,
+                extra=client_fields(client_id, self.peer, "mqtt"),
+            )
 
     def _refuse(self, code: int, reason: str) -> None:
         """CONNACK with a failure code, then close (§3.2.2.2)."""
-        log.warning("refused CONNECT of %r from %s: %s", self.client_id or "-", self.peer, reason)
+        log.warning(
+            "refused CONNECT of %r from %s: %s",
+            self.client_id or "-",
+            self.peer,
+            reason,
+            extra=client_fields(self.client_id, self.peer, "mqtt"),
+        )
         props = (
             Properties(reason_string=reason) if self.version == 5 and self._problem_info else EMPTY_PROPERTIES
         )
@@ -344,9 +374,14 @@ class MqttConnection:
             self._violation(ReasonCode.RETAIN_NOT_SUPPORTED, "retain is not supported", now)
             return
         qos = p.qos
-        broker.metrics.messages_received += 1
         if topic.startswith("$SYS"):
-            log.info("client %s (%s) may not publish to %s", self.client_id, self.peer, topic)
+            log.info(
+                "client %s (%s) may not publish to %s",
+                self.client_id,
+                self.peer,
+                topic,
+                extra=client_fields(self.client_id, self.peer, "mqtt"),
+            )
             if qos:
                 self._ack_publish(p, ReasonCode.NOT_AUTHORIZED)
             return
@@ -356,7 +391,13 @@ class MqttConnection:
             original = topic
             topic, allowed = access.check_publish(self.client, topic)
             if not allowed:
-                log.info("client %s (%s) may not publish to %s", self.client_id, self.peer, original)
+                log.info(
+                    "client %s (%s) may not publish to %s",
+                    self.client_id,
+                    self.peer,
+                    original,
+                    extra=client_fields(self.client_id, self.peer, "mqtt"),
+                )
                 if qos:  # v5: PUBACK/PUBREC 0x87; v3 has no code: acknowledged and dropped (as mosquitto)
                     self._ack_publish(p, ReasonCode.NOT_AUTHORIZED)
                 return
@@ -367,6 +408,7 @@ class MqttConnection:
                     self.peer,
                     original,
                     topic,
+                    extra=client_fields(self.client_id, self.peer, "mqtt"),
                 )
                 if qos:
                     self._ack_publish(p, ReasonCode.TOPIC_NAME_INVALID)
@@ -421,7 +463,12 @@ class MqttConnection:
             self._violation(ReasonCode.PROTOCOL_ERROR, "PUBACK before CONNECT", now)
             return
         if not session.puback(p.packet_id, now):
-            log.debug("client %s acknowledged unknown packet id %d", self.client_id, p.packet_id)
+            log.debug(
+                "client %s acknowledged unknown packet id %d",
+                self.client_id,
+                p.packet_id,
+                extra=client_fields(self.client_id, self.peer, "mqtt"),
+            )
 
     def _on_pubrec(self, p: Pubrec, now: float) -> None:
         session = self.session
@@ -475,6 +522,7 @@ class MqttConnection:
                     self.peer,
                     request.topic_filter,
                     code,
+                    extra=client_fields(self.client_id, self.peer, "mqtt"),
                 )
             codes.append(code)
             retained.extend((m, sub) for m in messages)
@@ -551,7 +599,6 @@ class MqttConnection:
             if qos and self.session is not None:
                 self.session.inflight.pop(packet_id, None)
             return
-        self.broker.metrics.messages_sent += 1
         self._write(data)
 
     def _encode_v5_publish(
@@ -596,6 +643,7 @@ class MqttConnection:
             self.client_id,
             self.peer,
             ReasonCode(reason_code).name.lower(),
+            extra=client_fields(self.client_id, self.peer, "mqtt"),
         )
         self._send_disconnect(reason_code, ReasonCode(reason_code).name.lower().replace("_", " "))
         self.state = ConnectionState.CLOSED
@@ -631,7 +679,12 @@ class MqttConnection:
         if not counted:
             self.broker.metrics.protocol_errors += 1
         log.warning(
-            "client %s (%s): %s (reason 0x%02x), closing", self.client_id or "-", self.peer, reason, code
+            "client %s (%s): %s (reason 0x%02x), closing",
+            self.client_id or "-",
+            self.peer,
+            reason,
+            code,
+            extra=client_fields(self.client_id, self.peer, "mqtt"),
         )
         if self.state is ConnectionState.AWAITING_CONNECT:
             if code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:

@@ -15,6 +15,7 @@ import pytest
 from core import __version__
 from core.broker.broker import Broker
 from core.broker.embedded import EmbeddedBroker
+from core.broker.metrics import BrokerMetrics, protocol_slot
 from core.broker.session import NEVER_EXPIRES, Session
 from core.broker.types import ClientInfo, Credentials, Message, Subscription, Will
 from core.clock import FakeClock
@@ -112,10 +113,11 @@ def connect(
     max_inflight: int = 32,
     now: float = 0.0,
     sink: FakeSink | None = None,
+    protocol: str = "mqtt",
 ) -> tuple[Session, FakeSink]:
     sink = sink or FakeSink()
     session, _ = broker.open_session(
-        ClientInfo(client_id),
+        ClientInfo(client_id, protocol),
         clean_start=clean_start,
         expiry=expiry,
         will=will,
@@ -737,6 +739,109 @@ def test_publish_sys_publishes_retained_broker_figures() -> None:
         assert values[name].isdigit()
     assert all_sink.topics == ["x/y"]  # '#' does not match $SYS topics
     assert broker.retained.get(base + "uptime") is not None
+
+
+def test_publish_sys_mirrors_message_totals_per_protocol_and_is_not_counted_itself() -> None:
+    broker = make_broker()
+    connect(broker, "sensor", protocol="coap")
+    app, _ = connect(broker, "app")
+    subscribe(broker, app, "up/#", 1)
+    publish(broker, "up/1", b"abc", 1, sender="sensor")
+    publish(broker, "up/2", b"d", 0, sender="sensor")
+    published, dropped = broker.metrics.messages_published, broker.metrics.dropped_no_subscribers
+    sys_sub, sys_sink = connect(broker, "sys")
+    subscribe(broker, sys_sub, "$SYS/#")
+    broker.publish_sys(1.0)
+    base = f"$SYS/brokers/{broker.node_name}/"
+    values = {d.topic.removeprefix(base): d.payload.decode() for d in sys_sink.delivered}
+    assert values["messages/received/coap"] == "2" and values["messages/received/mqtt"] == "0"
+    assert values["messages/sent/mqtt"] == "2" and values["messages/received"] == "2"
+    assert values["messages/redelivered/mqttsn"] == "0"
+    assert "messages/received/bridge" not in values  # other protocols only once they have traffic
+    assert (broker.metrics.messages_published, broker.metrics.dropped_no_subscribers) == (published, dropped)
+
+
+# --- per-protocol, per-QoS counters
+
+
+def test_messages_and_payload_bytes_are_counted_by_the_sender_protocol_and_qos() -> None:
+    broker = make_broker()
+    connect(broker, "sn", protocol="mqttsn")
+    connect(broker, "dev", protocol="lwm2m")
+    reader, _ = connect(broker, "reader")
+    subscribe(broker, reader, "#", 2)
+    publish(broker, "a", b"12345", 2, sender="sn")
+    publish(broker, "a", b"12", 2, sender="sn")
+    publish(broker, "b", b"1", 0, sender="dev")
+    publish(broker, "c", b"api", 1, sender="")  # mqgate's own (the HTTP API): routed, not received
+    m = broker.metrics
+    sn, lwm2m, mqtt = protocol_slot("mqttsn"), protocol_slot("lwm2m"), protocol_slot("mqtt")
+    assert (m.received[sn + 2], m.received_bytes[sn + 2]) == (2, 7)
+    assert (m.received[lwm2m], m.received_bytes[lwm2m]) == (1, 1)
+    assert m.messages_received == 3 and m.messages_published == 4
+    assert [m.sent[mqtt + q] for q in range(3)] == [1, 1, 2]
+    assert [m.sent_bytes[mqtt + q] for q in range(3)] == [1, 3, 7]
+
+
+def test_deliveries_count_at_the_granted_qos_when_sent_not_when_queued() -> None:
+    broker = make_broker()
+    device, sink = connect(broker, "dev", protocol="mqttsn", max_inflight=1)
+    subscribe(broker, device, "t", 1)
+    for payload in (b"one", b"two"):
+        publish(broker, "t", payload, 2)
+    slot = protocol_slot("mqttsn")
+    assert (broker.metrics.sent[slot + 1], broker.metrics.sent[slot + 2]) == (1, 0)  # the second waits
+    assert device.puback(sink.delivered[0].packet_id, 0.0)
+    assert (broker.metrics.sent[slot + 1], broker.metrics.sent_bytes[slot + 1]) == (2, 6)
+
+
+def test_a_resent_delivery_counts_as_redelivered_not_sent() -> None:
+    broker = make_broker()
+    session, _ = connect(broker, "c", clean_start=False, expiry=60)
+    subscribe(broker, session, "t", 1)
+    publish(broker, "t", b"x", 1)
+    broker.connection_lost(session, publish_will=False, now=1.0)
+    _, sink = connect(broker, "c", clean_start=False, expiry=60, now=2.0)
+    assert sink.delivered[0].dup
+    slot = protocol_slot("mqtt")
+    assert (broker.metrics.sent[slot + 1], broker.metrics.redelivered[slot + 1]) == (1, 1)
+
+
+def test_a_will_is_published_but_not_counted_as_received() -> None:
+    broker = make_broker()
+    session, _ = connect(broker, "c", will=Will("w", b"gone"))
+    broker.connection_lost(session, publish_will=True, now=1.0)
+    m = broker.metrics
+    assert (m.wills_published, m.messages_published, m.messages_received) == (1, 1, 0)
+    assert m.dropped_no_subscribers == 1
+
+
+def test_a_session_counts_under_the_protocol_of_its_latest_connection() -> None:
+    broker = make_broker()
+    session, _ = connect(broker, "c", clean_start=False, expiry=60, protocol="mqttsn")
+    broker.connection_lost(session, publish_will=False, now=1.0)
+    connect(broker, "c", clean_start=False, expiry=60, protocol="coap")
+    publish(broker, "t", b"x", 0, sender="c")
+    assert broker.metrics.received[protocol_slot("coap")] == 1
+    assert broker.metrics.received[protocol_slot("mqttsn")] == 0
+
+
+def test_unknown_protocols_count_as_other_and_are_reported_once_they_have_traffic() -> None:
+    assert protocol_slot("zigbee") == protocol_slot("other") != protocol_slot("mqtt")
+    metrics = BrokerMetrics()
+    assert [name for name, _ in metrics.reported_protocols()] == ["mqtt", "mqttsn", "coap", "lwm2m"]
+    metrics.sent[protocol_slot("bridge") + 1] += 3
+    assert metrics.by_protocol(metrics.sent) == {"mqtt": 0, "mqttsn": 0, "coap": 0, "lwm2m": 0, "bridge": 3}
+
+
+def test_metrics_add_sums_counters_and_tables() -> None:
+    edge, embedded = BrokerMetrics(), BrokerMetrics()
+    edge.received[protocol_slot("mqttsn") + 1] = 2
+    embedded.received[protocol_slot("mqttsn") + 1] = 3
+    embedded.dropped_queue_full = 4
+    total = edge.add(embedded)
+    assert total.received[protocol_slot("mqttsn") + 1] == 5 and total.dropped_queue_full == 4
+    assert edge.messages_received == 2  # the operands are unchanged
 
 
 # --- MqttConnection driven with bytes
