@@ -10,26 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from core.broker.broker import Broker
 from core.listeners.tls import TlsSettings, chain_too_deep, peer_certificate
+from core.logging import client_fields, format_peer
 from core.mqtt.connection import ConnectionState, MqttConnection
 from core.mqtt.numbers import ReasonCode
+
+if TYPE_CHECKING:
+    from core.trace import StreamTrace, TraceManager
 
 __all__ = ["MqttProtocol", "MqttTcpListener"]
 
 log = logging.getLogger("mqgate.listener")
 
 WRITE_HIGH_WATER = 4 * 1024 * 1024
-
-
-def format_peer(peer: object) -> str:
-    """``ip:port`` (``[ip]:port`` for IPv6) of a socket address."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)
 
 
 class MqttProtocol(asyncio.Protocol):
@@ -39,7 +35,7 @@ class MqttProtocol(asyncio.Protocol):
     :meth:`_close_transport`, and call :meth:`_open` and :meth:`_feed`.
     """
 
-    __slots__ = ("_out", "_paused", "_timer", "_transport", "connection", "listener", "peer")
+    __slots__ = ("_out", "_paused", "_timer", "_transport", "connection", "listener", "peer", "trace")
 
     def __init__(self, listener: MqttTcpListener) -> None:
         self.listener = listener
@@ -49,6 +45,7 @@ class MqttProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.connection: MqttConnection | None = None
         self.peer = ""
+        self.trace: StreamTrace | None = None  # set by core.trace while a client-id trace concerns this
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -56,16 +53,22 @@ class MqttProtocol(asyncio.Protocol):
         listener = self.listener
         self.peer = format_peer(transport.get_extra_info("peername"))
         if len(listener.connections) >= listener.max_connections:
-            log.warning("%s: refusing %s: max_connections reached", listener.name, self.peer)
+            log.warning(
+                "%s: refusing %s: max_connections reached",
+                listener.name,
+                self.peer,
+                extra=client_fields(None, self.peer, "mqtt"),
+            )
             transport.abort()
             return
         if listener.tls is not None and chain_too_deep(transport, listener.tls.depth):
-            listener.handshake_failures += 1
+            listener.handshake_failed(self.peer)
             log.warning(
                 "%s: refusing %s: client certificate chain longer than depth %d",
                 listener.name,
                 self.peer,
                 listener.tls.depth,
+                extra=client_fields(None, self.peer, "mqtt"),
             )
             transport.abort()
             return
@@ -87,11 +90,15 @@ class MqttProtocol(asyncio.Protocol):
         cert = peer_certificate(self._transport) if self.listener.tls is not None else None
         self.peer = peer
         self.connection = MqttConnection(self.listener.broker, self, peer, now, cert)
+        if self.listener.tracer is not None:
+            self.listener.tracer.tap(self)
         self._arm(self.connection.check_keepalive(now))
 
     def _feed(self, data: bytes) -> None:
         connection = self.connection
         if connection is not None:
+            if self.trace is not None:
+                self.trace.received(data)
             now = self.listener.loop.time()
             awaiting = connection.state is ConnectionState.AWAITING_CONNECT
             connection.data_received(data, now)
@@ -143,7 +150,10 @@ class MqttProtocol(asyncio.Protocol):
         out = self._out
         transport = self._transport
         if out and transport is not None and not transport.is_closing():
-            self._send(transport, out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self.trace is not None:
+                self.trace.sent(data)
+            self._send(transport, data)
         out.clear()
 
     def _send(self, transport: asyncio.Transport, data: bytes) -> None:
@@ -196,6 +206,7 @@ class MqttTcpListener:
         self._socket: socket.socket | None = None  # TLS: the listening socket of the accept loop
         self._accepting: asyncio.Task[None] | None = None
         self._dirty: list[MqttProtocol] = []
+        self.tracer: TraceManager | None = None  # while a client-id trace runs: new connections are tapped
 
     def _make_protocol(self) -> MqttProtocol:
         return MqttProtocol(self)
@@ -231,7 +242,17 @@ class MqttTcpListener:
                 log.warning("%s: accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = self.loop.create_task(self._handshake(conn, format_peer(address)))
+            peer = format_peer(address)
+            if self.broker.access.refuses_address(peer):
+                log.warning(
+                    "%s: refusing %s: too many authentication failures",
+                    self.name,
+                    peer,
+                    extra=client_fields(None, peer, "mqtt"),
+                )
+                conn.close()
+                continue
+            task = self.loop.create_task(self._handshake(conn, peer))
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
 
@@ -246,11 +267,21 @@ class MqttTcpListener:
             conn.close()
             raise
         except OSError as exc:  # ssl.SSLError and the handshake timeout included
-            self.handshake_failures += 1
+            self.handshake_failed(peer)
             log.warning(
-                "%s: TLS handshake with %s failed: %s", self.name, peer, str(exc) or type(exc).__name__
+                "%s: TLS handshake with %s failed: %s",
+                self.name,
+                peer,
+                str(exc) or type(exc).__name__,
+                extra=client_fields(None, peer, "mqtt"),
             )
             conn.close()
+
+    def handshake_failed(self, peer: str) -> None:
+        """Count a failed TLS or WebSocket handshake (the caller logs why); it also counts towards the
+        address's ban (``auth.max_failures_per_min``)."""
+        self.handshake_failures += 1
+        self.broker.access.handshake_failed(peer)
 
     @property
     def address(self) -> str:

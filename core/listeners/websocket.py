@@ -27,7 +27,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Origin, Subprotocol
 
-from core.listeners.tcp import MqttProtocol, MqttTcpListener, format_peer
+from core.listeners.tcp import MqttProtocol, MqttTcpListener
+from core.logging import client_fields, format_peer
 
 if TYPE_CHECKING:
     from core.broker.broker import Broker
@@ -134,8 +135,14 @@ class _WsProtocol(MqttProtocol):
 
     def _refuse(self, reason: str) -> None:
         listener = self.ws_listener
-        listener.handshake_failures += 1
-        log.warning("%s: refusing %s: %s", listener.name, self.peer, reason)
+        listener.handshake_failed(self.peer)
+        log.warning(
+            "%s: refusing %s: %s",
+            listener.name,
+            self.peer,
+            reason,
+            extra=client_fields(None, self.peer, "mqtt"),
+        )
 
     def data_received(self, data: bytes) -> None:
         ws = self._ws
@@ -187,7 +194,14 @@ class _WsProtocol(MqttProtocol):
                     self._feed(bytes(event.data))
             elif event.opcode is Opcode.TEXT:
                 # MQTT 5.0 §6.0: a data frame other than binary closes the network connection.
-                log.warning("%s: %s sent a text frame, closing", self.ws_listener.name, self.peer)
+                log.warning(
+                    "%s: %s sent a text frame, closing",
+                    self.ws_listener.name,
+                    self.peer,
+                    extra=client_fields(
+                        self.connection.client_id if self.connection is not None else None, self.peer, "mqtt"
+                    ),
+                )
                 ws.fail(1003, "MQTT needs binary frames")
                 if self.connection is not None:
                     self.connection.connection_lost(self.listener.loop.time())
