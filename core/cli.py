@@ -44,6 +44,8 @@ async def _run(config: Config) -> int:
         await app.start()
     except ConfigError as exc:
         log.error("%s", exc)
+        if config.log.to == "file":  # the operator starting mqgate sees why it did not start
+            print(f"mqgate: {exc}", file=sys.stderr)
         return 2
     log.info("mqgate %s started", __version__)
     try:
@@ -74,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(dump_toml(config))
         return 0
-    setup_logging(config.log.level, config.log.format)
+    try:
+        setup_logging(config.log)
+    except ConfigError as exc:
+        print(f"mqgate: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvloop
     except ImportError:  # uvloop is optional off Linux
