@@ -1,18 +1,25 @@
 """What the benchmarks share: starting, pinning and stopping the process under test, free loopback ports,
-and probes of a process's CPU time and resident memory and of the CPUs' busy time."""
+probes of a process's CPU time and resident memory and of the CPUs' busy time, many UDP endpoints on one
+epoll, command-line parsing and the printed tables."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import itertools
 import os
+import resource
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,10 @@ BUSY_OTHER_PCT = 25.0
 
 class StartError(Exception):
     """A broker process exited or never accepted connections."""
+
+
+class Unavailable(Exception):
+    """A peer cannot be run on this machine (not installed, install failed)."""
 
 
 def tail(text: str, lines: int = 5) -> str:
@@ -111,6 +122,64 @@ def running(
             _stop(proc)
 
 
+def reap(proc: BaseProcess | None) -> None:
+    """Joins a load process that was started, killing it if it does not end within 5 s."""
+    if proc is not None and proc.pid is not None:
+        proc.join(STOP_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(STOP_TIMEOUT_S)
+
+
+def log_summary(path: Path | None) -> tuple[int, str]:
+    """The number of lines of a process's log and its last 10, joined."""
+    lines = path.read_text(errors="replace").splitlines() if path is not None and path.exists() else []
+    return len(lines), tail("\n".join(lines), 10)
+
+
+def mqgate_argv(config: Path) -> list[str]:
+    """mqgate from this checkout with the configuration file ``config``."""
+    return [sys.executable, "-m", "core.cli", "--config", str(config)]
+
+
+def mqgate_toml(sections: str, disabled: Collection[str], log_level: str = "warning") -> str:
+    """An mqgate configuration: ``sections`` (TOML), every section in ``disabled`` switched off, the log
+    level."""
+    return (
+        sections
+        + "".join(f"[{name}]\nenabled = false\n\n" for name in disabled)
+        + f'[log]\nlevel = "{log_level}"\n'
+    )
+
+
+def mosquitto_command(workdir: Path, port: int) -> list[str]:
+    """Writes mosquitto's configuration into ``workdir`` and returns its command line for ``port``; raises
+    Unavailable when mosquitto is not installed.
+
+    mosquitto 2.0 drops QoS 0 deliveries to a client with max_queued_messages packets waiting to be written,
+    so the queue limits are lifted; 100 QoS 1 messages in flight match the publishers' windows. TCP_NODELAY
+    as asyncio sets it for mqgate. With Nagle's algorithm on (mosquitto's default) mosquitto spends less CPU
+    per message, but 1 -> 1 stalls on delayed ACKs once a window keeps less than a segment queued. No
+    persistence."""
+    exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if exe is None:
+        raise Unavailable("mosquitto not found (apt-get install mosquitto)")
+    config = workdir / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} {HOST}\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "max_queued_messages 1000000\n"
+        "max_queued_bytes 0\n"
+        "max_inflight_messages 100\n"
+        "set_tcp_nodelay true\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n"
+    )
+    return [exe, "-c", str(config)]
+
+
 def mqgate_config() -> dict[str, Any]:
     """mqgate's default configuration, as ``python -m core.cli --print-config`` prints it."""
     done = subprocess.run(
@@ -192,3 +261,222 @@ class Pinning:
     def split(cls) -> Pinning:
         cpus = sorted(os.sched_getaffinity(0))
         return cls({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else cls(None, None)
+
+    def figures(self, under_test: str) -> dict[str, list[int]]:
+        """The CPUs for the JSON line: ``load`` and ``under_test`` (``"mqgate"``, ``"broker"``, ...)."""
+        return {"load": sorted(self.load or ()), under_test: sorted(self.broker or ())}
+
+
+def pin_load_generator(under_test: str) -> Pinning:
+    """Raises this process's open files limit to the hard one, pins it to the load generator's CPU and says
+    which CPU runs ``under_test`` (``"mqgate"``, ``"servers"``, ...)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pinning = Pinning.split()
+    if pinning.load and pinning.broker:
+        os.sched_setaffinity(0, pinning.load)
+        print(f"load generator on cpu {sorted(pinning.load)}, {under_test} on cpu {sorted(pinning.broker)}")
+    else:
+        print(
+            f"one cpu only: {under_test} and the load generator share it "
+            "(figures are not comparable to 2-cpu runs)"
+        )
+    return pinning
+
+
+def sockets_error(n: int, what: str, spare: int) -> str | None:
+    """Why ``n`` endpoints (``what``: ``"clients"``, ``"devices"``) cannot each have a socket when the
+    benchmark needs ``spare`` file descriptors besides, or None."""
+    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n + spare > open_files:
+        return f"{n:,} {what} need as many sockets: the open files limit is {open_files:,}"
+    return None
+
+
+# ---------------------------------------------------------------- what the load generator measures
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the processes under test and the machine spent during a measured stretch."""
+
+    cpu_s: tuple[float, ...]
+    """CPU time of each process measured, in the order given."""
+    busy_s: float | None
+    """Time the pinned CPUs were busy with anything (None when not pinned)."""
+    drops: int | None
+    """Datagrams the kernel dropped at the UDP socket measured (None: no such socket)."""
+
+
+class Meter:
+    """Takes the CPU time of ``pids``, the busy time of ``cpus`` and the drops at UDP ``port`` at creation;
+    ``usage()`` returns what was spent since."""
+
+    def __init__(self, pids: Sequence[int], cpus: set[int] | None, port: int | None = None) -> None:
+        self._pids, self._cpus, self._port = tuple(pids), cpus, port
+        self._cpu0 = [cpu_seconds(pid) for pid in self._pids]
+        self._busy0 = busy_seconds(cpus) if cpus else None
+        self._drops0 = None if port is None else socket_drops(port)
+
+    def usage(self) -> Usage:
+        cpu = tuple(cpu_seconds(pid) - cpu0 for pid, cpu0 in zip(self._pids, self._cpu0, strict=True))
+        busy = None if self._busy0 is None or not self._cpus else busy_seconds(self._cpus) - self._busy0
+        drops = None if self._port is None else socket_drops(self._port)
+        return Usage(cpu, busy, None if drops is None or self._drops0 is None else drops - self._drops0)
+
+
+def pct(part: float, whole: float) -> float | None:
+    return 100 * part / whole if whole else None
+
+
+def cpu_figures(
+    name: str, unit: str, cpu_s: float, load_cpu_s: float, busy_s: float | None, seconds: float, count: int
+) -> dict[str, float | None]:
+    """``{name}_cpu_us_per_{unit}`` (CPU time of the process under test per ``count``), ``{name}_cpu_pct``,
+    ``load_cpu_pct`` and ``other_cpu_pct`` (what else kept the CPUs busy) over ``seconds``."""
+    return {
+        f"{name}_cpu_us_per_{unit}": cpu_s * 1e6 / count if count else None,
+        f"{name}_cpu_pct": pct(cpu_s, seconds),
+        "load_cpu_pct": pct(load_cpu_s, seconds),
+        "other_cpu_pct": None if busy_s is None else pct(busy_s - cpu_s - load_cpu_s, seconds),
+    }
+
+
+# ---------------------------------------------------------------- many UDP endpoints
+
+
+class UdpEndpoints:
+    """``n`` non-blocking UDP sockets connected to ``HOST:port``, on one epoll; ``index_of`` maps a socket's
+    file descriptor to its index."""
+
+    def __init__(self, n: int, port: int, rcvbuf: int | None = None) -> None:
+        self.socks: list[socket.socket] = []
+        self.poller = select.epoll()
+        self.index_of: dict[int, int] = {}
+        try:
+            for i in range(n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.socks.append(sock)
+                if rcvbuf is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                sock.setblocking(False)
+                sock.connect((HOST, port))
+                self.poller.register(sock.fileno(), select.EPOLLIN)
+                self.index_of[sock.fileno()] = i
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.poller.close()
+        for sock in self.socks:
+            sock.close()
+
+    def exchange(
+        self,
+        requests: Sequence[bytes | bytearray],
+        window: int,
+        retry_s: float,
+        timeout_s: float,
+        answered: Callable[[int], bool],
+        what: str,
+    ) -> int:
+        """Sends ``requests[i]`` from socket i, at most ``window`` unanswered at a time, each again after
+        ``retry_s`` without an answer, until every one is answered; returns the resends. ``answered(i)``
+        reads what socket i received and says whether it answers i's request (it raises on a refusal).
+        Raises TimeoutError naming ``what`` (``"clients got no CONNACK"``) after ``timeout_s``."""
+        waiting: dict[int, float] = {}  # endpoint -> when its request was last sent, oldest first
+        following = iter(range(len(requests)))
+        done = resent = 0
+        deadline = time.monotonic() + timeout_s
+        while done < len(requests):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(
+                    f"{len(requests) - done} of {len(requests)} {what} after {timeout_s:.0f} s"
+                )
+            for i in itertools.islice(following, window - len(waiting)):
+                self.socks[i].send(requests[i])
+                waiting[i] = now
+            expired = [i for i, sent_at in waiting.items() if now - sent_at > retry_s]
+            for i in expired:
+                del waiting[i]
+                self.socks[i].send(requests[i])
+                waiting[i] = now
+                resent += 1
+            for fd, _ in self.poller.poll(0.05):
+                i = self.index_of[fd]
+                if answered(i) and waiting.pop(i, None) is not None:
+                    done += 1
+        return resent
+
+
+# ---------------------------------------------------------------- command line and report
+
+
+def positive_ints(value: str) -> list[int]:
+    """argparse type: a comma-separated list of positive integers."""
+    try:
+        numbers = [int(n) for n in value.split(",") if n.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers (got {value!r})")
+    return numbers
+
+
+def names_of(known: Collection[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of names from ``known``."""
+
+    def parse(value: str) -> list[str]:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if not names or any(n not in known for n in names):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(known)} (got {value!r})")
+        return names
+
+    return parse
+
+
+def fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+def mib(value: float | None) -> str:
+    return fmt(None if value is None else value / 2**20, ",.1f")
+
+
+def print_table(columns: Sequence[tuple[str, int]], rows: Sequence[Sequence[str]], left: int = 0) -> None:
+    """Prints ``rows`` under ``columns`` (header, width); the first ``left`` columns are left-aligned, cells
+    beyond the last column (an error) follow the row."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, (_, width)) in enumerate(zip(cells, columns, strict=False))
+        ).rstrip()
+
+    print(line([header for header, _ in columns]))
+    for row in rows:
+        extra = row[len(columns) :]
+        print(line(row[: len(columns)]) + ("  " + " ".join(extra) if extra else ""))
+
+
+class BusyFlags:
+    """Marks the rows where other programs kept the CPUs busier than ``BUSY_OTHER_PCT``."""
+
+    def __init__(self) -> None:
+        self.flagged = False
+
+    def cell(self, other_cpu_pct: float | None) -> str:
+        busy = (other_cpu_pct or 0.0) > BUSY_OTHER_PCT
+        self.flagged |= busy
+        return fmt(other_cpu_pct, ".0f", "%") + ("!" if busy else "")
+
+    def print_note(self, rates: str, cpu: str) -> None:
+        """The footnote, if a row was flagged: its ``rates`` (``"msgs/s"``) are not comparable, ``cpu``
+        (``"cpu us/msg"``) suffers least."""
+        if self.flagged:
+            print(
+                f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
+                f"its {rates} and latencies are not comparable, {cpu} suffers least"
+            )

@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -101,7 +101,8 @@ class RunResult:
 # ---------------------------------------------------------------- encoding
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """A Variable Byte Integer (MQTT 3.1.1 §2.2.3)."""
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)
@@ -110,23 +111,24 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
+    """A length-prefixed UTF-8 string (MQTT 3.1.1 §1.5.3)."""
     raw = text.encode()
     return _U16.pack(len(raw)) + raw
 
 
 def _packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + _varint(len(body)) + body
+    return bytes([first_byte]) + varint(len(body)) + body
 
 
 def connect_packet(client_id: str) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session, keep alive off (MQTT 3.1.1 §3.1)."""
-    return _packet(0x10, _utf8("MQTT") + bytes([4, 0x02]) + _U16.pack(0) + _utf8(client_id))
+    return _packet(0x10, utf8("MQTT") + bytes([4, 0x02]) + _U16.pack(0) + utf8(client_id))
 
 
 def subscribe_packet(packet_id: int, filters: Sequence[str], qos: int) -> bytes:
     """SUBSCRIBE with one or more topic filters (MQTT 3.1.1 §3.8)."""
-    return _packet(0x82, _U16.pack(packet_id) + b"".join(_utf8(f) + bytes([qos]) for f in filters))
+    return _packet(0x82, _U16.pack(packet_id) + b"".join(utf8(f) + bytes([qos]) for f in filters))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +149,9 @@ def _encode_batches(topics: Sequence[str], qos: int) -> list[_Batch]:
         data = bytearray()
         timestamp_at, packet_id_at, ends = [], [], []
         for topic in sequence[start : start + BATCH]:
-            topic_field = _utf8(topic)
+            topic_field = utf8(topic)
             id_size = 2 if qos else 0
-            data += (
-                bytes([0x30 | qos << 1]) + _varint(len(topic_field) + id_size + PAYLOAD_SIZE) + topic_field
-            )
+            data += bytes([0x30 | qos << 1]) + varint(len(topic_field) + id_size + PAYLOAD_SIZE) + topic_field
             if qos:
                 packet_id_at.append(len(data))
             timestamp_at.append(len(data) + id_size)
@@ -196,6 +196,24 @@ def remaining_length(buf: bytearray, at: int) -> tuple[int, int] | None:
     if len(buf) - at >= 4:
         raise LoadError("malformed remaining length from the broker")
     return None
+
+
+def complete_packets(buf: bytearray) -> Iterator[tuple[int, int, int]]:
+    """(first byte, offset of the body, remaining length) of each complete packet at the start of ``buf``;
+    once exhausted, drops them from ``buf``, keeping a partial packet for the next read (§2.2)."""
+    pos, end = 0, len(buf)
+    while end - pos >= 2:
+        first, length, body_at = buf[pos], buf[pos + 1], pos + 2
+        if length & 0x80:
+            decoded = remaining_length(buf, pos + 1)
+            if decoded is None:
+                break
+            length, body_at = decoded
+        if body_at + length > end:
+            break
+        yield first, body_at, length
+        pos = body_at + length
+    del buf[:pos]
 
 
 def _expect(sock: socket.socket, reader: _PacketReader, packet_type: int, count: int) -> list[bytes]:
@@ -305,17 +323,9 @@ def _receive(
                 raise LoadError("broker closed a subscriber connection")
             t = _now_ns()
             buf += data
-            pos, end, n0 = 0, len(buf), n
+            n0 = n
             acks = bytearray()
-            while end - pos >= 2:
-                first, length, body_at = buf[pos], buf[pos + 1], pos + 2
-                if length & 0x80:
-                    decoded = remaining_length(buf, pos + 1)
-                    if decoded is None:
-                        break
-                    length, body_at = decoded
-                if body_at + length > end:
-                    break
+            for first, body_at, _ in complete_packets(buf):
                 if first >> 4 == 3:
                     p = body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1])
                     if first & 0x06:
@@ -325,10 +335,8 @@ def _receive(
                     if n % every == 0:
                         latencies.append(t - unpack_ts(buf, p)[0])
                     n += 1
-                pos = body_at + length
-            del buf[:pos]
             if acks:
-                _send(sock, acks)
+                send_all(sock, acks, "a subscriber's PUBACKs")
             if n != n0:
                 last = t
                 delivered.value = n
@@ -336,15 +344,16 @@ def _receive(
     return n, last, percentile_ms(ordered, 50), percentile_ms(ordered, 99)
 
 
-def _send(sock: socket.socket, data: bytes | bytearray) -> None:
-    """``sendall`` for a non-blocking socket, waiting at most ``SOCKET_TIMEOUT_S`` for buffer space."""
+def send_all(sock: socket.socket, data: bytes | bytearray, what: str) -> None:
+    """``sendall`` for a non-blocking socket, waiting at most ``SOCKET_TIMEOUT_S`` for buffer space; raises
+    LoadError saying the broker stopped reading ``what``."""
     view = memoryview(data)
     while view:
         try:
             view = view[sock.send(view) :]
         except BlockingIOError:
             if not select.select([], [sock], [], SOCKET_TIMEOUT_S)[1]:
-                raise LoadError("broker stopped reading a subscriber's PUBACKs") from None
+                raise LoadError(f"the broker stopped reading {what}") from None
 
 
 def _publisher_main(
@@ -436,6 +445,114 @@ def _count_pubacks(sock: socket.socket, reader: _PacketReader, *, wait: bool) ->
     if not data:
         raise LoadError("broker closed the publisher connection")
     return sum(1 for first, _ in reader.feed(data) if first == _PUBACK)
+
+
+# ---------------------------------------------------------------- a subscriber counting stamped messages
+
+
+_STAMP = struct.Struct(">QI")
+"""The first 12 payload bytes of a gateway benchmark's message: send time (monotonic ns), sequence number."""
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What a ``StampedSubscriber`` counted; times are monotonic ns."""
+
+    delivered: int
+    """Distinct messages (by the sequence number in the payload)."""
+    duplicates: int
+    last_ns: int
+    p50_ms: float | None
+    p99_ms: float | None
+    """From the send time in the payload to the delivery."""
+    cpu_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StampedSubscriber:
+    """A subscriber process for the gateway benchmarks: one raw-socket connection taking ``topic_filter`` at
+    QoS 0, counting messages stamped with ``_STAMP``."""
+
+    port: int
+    topic_filter: str
+    client_id: str
+    give_up_s: float
+    """Longest run in all."""
+    drain_s: float
+    """Longest wait once the load is over."""
+    latency_every: int
+    """One latency is kept per this many messages."""
+
+    def main(
+        self, cpus: set[int] | None, expected: ctypes.c_int64, results: mp.Queue[tuple[str, Any]]
+    ) -> None:
+        """Process target: puts ``("sub-ready", None)`` once subscribed, then ``("sub", Received)``."""
+        child_setup(cpus)
+        try:
+            sock, reader = connect(self.port, self.client_id)
+            with sock:
+                subscribe(sock, reader, [self.topic_filter], 0)
+                results.put(("sub-ready", None))
+                results.put(("sub", self._receive(sock, expected)))
+        except Exception as exc:
+            results.put(("error", f"subscriber: {exc!r}"))
+
+    def _receive(self, sock: socket.socket, expected: ctypes.c_int64) -> Received:
+        """Counts deliveries until ``expected`` (-1 while the load goes on) distinct ones arrived, or none for
+        ``IDLE_S`` once the load is over, or time runs out."""
+        sock.setblocking(False)
+        poller = select.epoll()
+        poller.register(sock.fileno(), select.EPOLLIN)
+        seen = bytearray()
+        latencies = array("q")
+        every = self.latency_every
+        n = duplicates = last = done_at = 0
+        give_up = _now_ns() + int(self.give_up_s * 1e9)
+        buf = bytearray()
+        unpack_stamp = _STAMP.unpack_from
+        cpu0 = time.process_time()
+        while True:
+            t = _now_ns()
+            if expected.value >= 0:
+                if n >= expected.value:
+                    break
+                if not done_at:
+                    done_at = t
+                    give_up = min(give_up, t + int(self.drain_s * 1e9))
+                if t > max(last, done_at) + int(IDLE_S * 1e9):
+                    break
+            if t > give_up:
+                break
+            if not poller.poll(0.05):
+                continue
+            data = sock.recv(1 << 18)
+            if not data:
+                raise LoadError("the broker closed the subscriber connection")
+            t = _now_ns()
+            buf += data
+            for first, body_at, _ in complete_packets(buf):
+                if first >> 4 == 3:  # PUBLISH at QoS 0: topic, then the payload
+                    sent_ns, seq = unpack_stamp(buf, body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1]))
+                    if seq >= len(seen):
+                        seen += bytes(seq + 65536 - len(seen))
+                    if seen[seq]:
+                        duplicates += 1
+                    else:
+                        seen[seq] = 1
+                        if n % every == 0:
+                            latencies.append(t - sent_ns)
+                        n += 1
+                        last = t
+        poller.close()
+        ordered = sorted(latencies)
+        return Received(
+            n,
+            duplicates,
+            last,
+            percentile_ms(ordered, 50),
+            percentile_ms(ordered, 99),
+            time.process_time() - cpu0,
+        )
 
 
 # ---------------------------------------------------------------- one run

@@ -15,9 +15,7 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,14 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    BUSY_OTHER_PCT,
     HOST,
     REPO,
+    BusyFlags,
     Pinning,
     StartError,
+    Unavailable,
     busy_seconds,
+    cpu_figures,
     cpu_seconds,
+    fmt,
     free_port,
+    mosquitto_command,
+    names_of,
+    pin_load_generator,
+    print_table,
     running,
     tail,
 )
@@ -46,10 +51,6 @@ RUN_S, QUICK_RUN_S = 5.0, 1.0
 """Publishing time per scenario; the count (a tenth with --quick) may end it sooner."""
 DRAIN_S, QUICK_DRAIN_S = 5.0, 2.0
 """Longest wait for the last deliveries once publishing has stopped."""
-
-
-class Unavailable(Exception):
-    """A broker cannot be run on this machine (not installed, install failed)."""
 
 
 # ---------------------------------------------------------------- brokers
@@ -70,31 +71,6 @@ def _mqgate_command(workdir: Path, port: int) -> list[str]:
         "[broker]\nmax_inflight = 100\nmax_mqueue_len = 1000000\n"
     )
     return [sys.executable, "-m", "core.cli", "--config", str(config)]
-
-
-def _mosquitto_command(workdir: Path, port: int) -> list[str]:
-    exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if exe is None:
-        raise Unavailable("mosquitto not found (apt-get install mosquitto)")
-    config = workdir / "mosquitto.conf"
-    # mosquitto 2.0 drops QoS 0 deliveries to a client with max_queued_messages packets waiting to be
-    # written, so the queue limits are lifted; 100 QoS 1 messages in flight match the publisher's window.
-    # TCP_NODELAY as asyncio sets it for mqgate and amqtt. With Nagle's algorithm on (mosquitto's default)
-    # mosquitto spends less CPU per message, but 1 -> 1 stalls on delayed ACKs once the publisher's window
-    # keeps less than a segment queued.
-    config.write_text(
-        f"listener {port} {HOST}\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        "max_queued_messages 1000000\n"
-        "max_queued_bytes 0\n"
-        "max_inflight_messages 100\n"
-        "set_tcp_nodelay true\n"
-        "log_dest stderr\n"
-        "log_type error\n"
-        "log_type warning\n"
-    )
-    return [exe, "-c", str(config)]
 
 
 def _amqtt_command(workdir: Path, port: int) -> list[str]:
@@ -138,7 +114,7 @@ BROKERS = {
     b.name: b
     for b in (
         Broker("mqgate", _mqgate_command),
-        Broker("mosquitto", _mosquitto_command),
+        Broker("mosquitto", mosquitto_command),
         Broker("amqtt", _amqtt_command),
     )
 }
@@ -231,22 +207,14 @@ class Row:
         out: dict[str, Any] = {"scenario": self.scenario, "broker": self.broker, "error": self.error}
         if self.result is not None:
             r = self.result
-            out |= asdict(r) | {
-                "lost": r.expected - r.delivered,
-                "broker_cpu_us_per_msg": r.broker_cpu_s * 1e6 / r.delivered if r.delivered else None,
-                "broker_cpu_pct": _pct(r.broker_cpu_s, r.seconds),
-                "load_cpu_pct": _pct(r.load_cpu_s, r.seconds),
-                "other_cpu_pct": (
-                    None
-                    if r.cpus_busy_s is None
-                    else _pct(r.cpus_busy_s - r.broker_cpu_s - r.load_cpu_s, r.seconds)
-                ),
-            }
+            out |= (
+                asdict(r)
+                | {"lost": r.expected - r.delivered}
+                | cpu_figures(
+                    "broker", "msg", r.broker_cpu_s, r.load_cpu_s, r.cpus_busy_s, r.seconds, r.delivered
+                )
+            )
         return out
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
 
 
 def _ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
@@ -258,10 +226,6 @@ def _ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
         if mqgate is not None and broker != "mqgate":
             ratios.setdefault(scenario, {})[broker] = mqgate / rate
     return ratios
-
-
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
 
 
 _COLUMNS = (  # header, width; the first two are left-aligned
@@ -280,54 +244,35 @@ _COLUMNS = (  # header, width; the first two are left-aligned
 )
 
 
-def _line(cells: list[str]) -> str:
-    return "  ".join(
-        cell.ljust(width) if i < 2 else cell.rjust(width)
-        for i, (cell, (_, width)) in enumerate(zip(cells, _COLUMNS, strict=False))
-    )
-
-
 def _print_table(rows: list[Row], ratios: dict[str, dict[str, float]]) -> None:
     print()
-    print(_line([header for header, _ in _COLUMNS]))
-    flagged = False
+    lines, busy = [], BusyFlags()
     for row in sorted(rows, key=lambda r: (r.scenario, list(BROKERS).index(r.broker))):
         cells = [f"{row.scenario}  {SCENARIOS[row.scenario].title}", row.broker]
         f = row.figures()
         if row.result is None:
-            print(_line(cells) + f"  failed: {row.error}")
+            lines.append([*cells, f"failed: {row.error}"])
             continue
-        busy = (f["other_cpu_pct"] or 0.0) > BUSY_OTHER_PCT
-        flagged |= busy
-        cells += [
-            _fmt(f["msgs_per_s"], ",.0f"),
-            _fmt(f["p50_ms"], ".2f"),
-            _fmt(f["p99_ms"], ".2f"),
-            _fmt(f["broker_cpu_us_per_msg"], ".1f"),
-            _fmt(f["broker_cpu_pct"], ".0f", "%"),
-            _fmt(f["load_cpu_pct"], ".0f", "%"),
-            _fmt(f["other_cpu_pct"], ".0f", "%") + ("!" if busy else ""),
-            f"{f['delivered']:,}",
-            f"{f['lost']:,}",
-            _fmt(ratios.get(row.scenario, {}).get(row.broker), ".2f"),
-        ]
-        print(_line(cells))
-    if flagged:
-        print(
-            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
-            "its msgs/s and latencies are not comparable, cpu us/msg suffers least"
+        lines.append(
+            [
+                *cells,
+                fmt(f["msgs_per_s"], ",.0f"),
+                fmt(f["p50_ms"], ".2f"),
+                fmt(f["p99_ms"], ".2f"),
+                fmt(f["broker_cpu_us_per_msg"], ".1f"),
+                fmt(f["broker_cpu_pct"], ".0f", "%"),
+                fmt(f["load_cpu_pct"], ".0f", "%"),
+                busy.cell(f["other_cpu_pct"]),
+                f"{f['delivered']:,}",
+                f"{f['lost']:,}",
+                fmt(ratios.get(row.scenario, {}).get(row.broker), ".2f"),
+            ]
         )
+    print_table(_COLUMNS, lines, left=2)
+    busy.print_note("msgs/s", "cpu us/msg")
 
 
 # ---------------------------------------------------------------- main
-
-
-def _names(value: str, known: dict[str, Any]) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(known)} (got {value!r})")
-    return names
 
 
 def _run_scenario(broker: Broker, key: str, quick: bool, workdir: Path, pinning: Pinning) -> Row:
@@ -381,24 +326,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages, 1 s per scenario")
     parser.add_argument(
         "--brokers",
-        type=lambda v: _names(v, BROKERS),
+        type=names_of(BROKERS),
         default=list(BROKERS),
         help=f"comma-separated, default {','.join(BROKERS)}",
     )
     parser.add_argument(
         "--scenarios",
-        type=lambda v: _names(v, SCENARIOS),
+        type=names_of(SCENARIOS),
         default=list(SCENARIOS),
         help=f"comma-separated, default {','.join(SCENARIOS)}",
     )
     args = parser.parse_args()
 
-    pinning = Pinning.split()
-    if pinning.load and pinning.broker:
-        os.sched_setaffinity(0, pinning.load)
-        print(f"load generator on cpu {sorted(pinning.load)}, broker on cpu {sorted(pinning.broker)}")
-    else:
-        print("one cpu only: broker and load generator share it (figures are not comparable to 2-cpu runs)")
+    pinning = pin_load_generator("broker")
 
     rows: list[Row] = []
     skipped: dict[str, str] = {}
@@ -420,7 +360,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
-                "cpus": {"load": sorted(pinning.load or ()), "broker": sorted(pinning.broker or ())},
+                "cpus": pinning.figures("broker"),
                 "results": [r.figures() for r in rows],
                 "mqgate_msgs_per_s_ratio": ratios,
                 "skipped": skipped,

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import resource
 import select
 import shutil
 import socket
@@ -44,23 +43,34 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    BUSY_OTHER_PCT,
     HOST,
     REPO,
     START_TIMEOUT_S,
+    BusyFlags,
+    Meter,
     Pinning,
     StartError,
-    busy_seconds,
-    cpu_seconds,
+    UdpEndpoints,
+    Unavailable,
+    cpu_figures,
+    fmt,
     free_port,
+    log_summary,
+    mib,
+    mqgate_argv,
     mqgate_config,
+    mqgate_toml,
+    names_of,
+    pin_load_generator,
+    print_table,
+    reap,
     rss_bytes,
     running,
     sections_to_disable,
-    socket_drops,
+    sockets_error,
     tail,
 )
-from _loadgen import Inbox, LoadError, child_setup, connect, percentile_ms, remaining_length, subscribe
+from _loadgen import Inbox, LoadError, Received, StampedSubscriber, connect, percentile_ms
 
 WINDOWS = (1, 8, 64)
 OBSERVERS = (1, 1_000)
@@ -149,10 +159,6 @@ def uri(path: Sequence[str], query: str) -> list[tuple[int, bytes]]:
 # ---------------------------------------------------------------- servers
 
 
-class Unavailable(Exception):
-    """A server cannot be run on this machine (not installed)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Server:
     name: str
@@ -215,13 +221,15 @@ def _argv(
             raise Unavailable("mqgate's configuration could not be read")
         config = workdir / f"mqgate-{label}.toml"
         config.write_text(
-            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
-            f'[gateways.coap]\nbind = "{HOST}:{udp_port}"\nnotify_type = "{notify}"\n'
-            f"max_dedup_entries = {mqgate.max_dedup_entries}\nmax_dedup_bytes = {mqgate.max_dedup_bytes}\n\n"
-            + "".join(f"[{name}]\nenabled = false\n\n" for name in mqgate.disabled)
-            + '[log]\nlevel = "warning"\n'
+            mqgate_toml(
+                f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
+                f'[gateways.coap]\nbind = "{HOST}:{udp_port}"\nnotify_type = "{notify}"\n'
+                f"max_dedup_entries = {mqgate.max_dedup_entries}\n"
+                f"max_dedup_bytes = {mqgate.max_dedup_bytes}\n\n",
+                mqgate.disabled,
+            )
         )
-        return [sys.executable, "-m", "core.cli", "--config", str(config)]
+        return mqgate_argv(config)
     if server.name == "aiocoap":
         if importlib.util.find_spec("aiocoap") is None:
             raise Unavailable("aiocoap is not installed (pip install aiocoap)")
@@ -453,93 +461,6 @@ def put_load(
     )
 
 
-# ---------------------------------------------------------------- the MQTT subscriber (mqgate)
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    delivered: int
-    """Distinct messages (by the sequence number in the payload)."""
-    duplicates: int
-    last_ns: int
-    cpu_s: float
-
-
-def _subscriber_main(
-    port: int,
-    cpus: set[int] | None,
-    expected: ctypes.c_int64,
-    give_up_s: float,
-    results: mp.Queue[tuple[str, Any]],
-) -> None:
-    child_setup(cpus)
-    try:
-        sock, reader = connect(port, f"bench-coap-sub-{os.getpid()}")
-        with sock:
-            subscribe(sock, reader, ["bench/#"], 0)
-            results.put(("sub-ready", None))
-            results.put(("sub", _receive(sock, expected, give_up_s)))
-    except Exception as exc:
-        results.put(("error", f"subscriber: {exc!r}"))
-
-
-def _receive(sock: socket.socket, expected: ctypes.c_int64, give_up_s: float) -> Received:
-    """Counts QoS 0 deliveries until ``expected`` (-1 while the requests go on) distinct ones arrived, or none
-    for ``IDLE_S`` once they are over, or ``give_up_s`` passed."""
-    sock.setblocking(False)
-    poller = select.epoll()
-    poller.register(sock.fileno(), select.EPOLLIN)
-    seen = bytearray()
-    n = duplicates = last = done_at = 0
-    give_up = _now_ns() + int(give_up_s * 1e9)
-    buf = bytearray()
-    unpack_stamp = _STAMP.unpack_from
-    cpu0 = time.process_time()
-    while True:
-        t = _now_ns()
-        if expected.value >= 0:
-            if n >= expected.value:
-                break
-            if not done_at:
-                done_at = t
-                give_up = min(give_up, t + int(DRAIN_S * 1e9))
-            if t > max(last, done_at) + int(IDLE_S * 1e9):
-                break
-        if t > give_up:
-            break
-        if not poller.poll(0.05):
-            continue
-        data = sock.recv(1 << 18)
-        if not data:
-            raise LoadError("the broker closed the subscriber connection")
-        t = _now_ns()
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            first, length, body_at = buf[pos], buf[pos + 1], pos + 2
-            if length & 0x80:
-                decoded = remaining_length(buf, pos + 1)
-                if decoded is None:
-                    break
-                length, body_at = decoded
-            if body_at + length > end:
-                break
-            if first >> 4 == 3:  # PUBLISH at QoS 0: topic, then the payload
-                seq = unpack_stamp(buf, body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1]))[1]
-                if seq >= len(seen):
-                    seen += bytes(seq + 65536 - len(seen))
-                if seen[seq]:
-                    duplicates += 1
-                else:
-                    seen[seq] = 1
-                    n += 1
-                    last = t
-            pos = body_at + length
-        del buf[:pos]
-    poller.close()
-    return Received(n, duplicates, last, time.process_time() - cpu0)
-
-
 # ---------------------------------------------------------------- one requests run
 
 
@@ -578,6 +499,9 @@ class PutRun:
             return out
         seconds = (r.last_ns - r.start_ns) / 1e9 if r.answered else 0.0
         load_cpu_s = r.cpu_s + (self.received.cpu_s if self.received else 0.0)
+        out |= cpu_figures(
+            "server", "request", self.server_cpu_s, load_cpu_s, self.cpus_busy_s, seconds, r.answered
+        )
         out |= {
             "requests": asdict(r),
             "received": None if self.received is None else asdict(self.received),
@@ -585,14 +509,6 @@ class PutRun:
             "requests_per_s": r.answered / seconds if seconds > 0 else 0.0,
             "p50_ms": r.p50_ms,
             "p99_ms": r.p99_ms,
-            "server_cpu_us_per_request": self.server_cpu_s * 1e6 / r.answered if r.answered else None,
-            "server_cpu_pct": _pct(self.server_cpu_s, seconds),
-            "load_cpu_pct": _pct(load_cpu_s, seconds),
-            "other_cpu_pct": (
-                None
-                if self.cpus_busy_s is None
-                else _pct(self.cpus_busy_s - self.server_cpu_s - load_cpu_s, seconds)
-            ),
             "undelivered": None if self.received is None else r.answered - self.received.delivered,
         }
         if r.rss:
@@ -606,10 +522,6 @@ class PutRun:
                 "rss_growth_second_half": rss[-1] - half,
             }
         return out
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
 
 
 def put_run(
@@ -636,16 +548,18 @@ def put_run(
             pid = live.proc.pid
             inbox = Inbox(results)
             if live.tcp_port is not None:
-                give_up_s = seconds + DRAIN_S + SETUP_TIMEOUT_S
-                sub = ctx.Process(
-                    target=_subscriber_main,
-                    args=(live.tcp_port, pinning.load, expected, give_up_s, results),
-                    daemon=True,
+                subscriber = StampedSubscriber(
+                    live.tcp_port,
+                    "bench/#",
+                    f"bench-coap-sub-{os.getpid()}",
+                    seconds + DRAIN_S + SETUP_TIMEOUT_S,
+                    DRAIN_S,
+                    SUSTAIN_LATENCY_EVERY,
                 )
+                sub = ctx.Process(target=subscriber.main, args=(pinning.load, expected, results), daemon=True)
                 sub.start()
                 inbox.take("sub-ready", SETUP_TIMEOUT_S)
-            cpu0, busy0 = cpu_seconds(pid), busy_seconds(pinning.cpus) if pinning.cpus else None
-            drops0 = socket_drops(live.udp_port)
+            meter = Meter([pid], pinning.cpus, live.udp_port)
             run.requests = put_load(
                 live.udp_port,
                 server.path,
@@ -654,10 +568,8 @@ def put_run(
                 pid if sustained else None,
                 SUSTAIN_LATENCY_EVERY if sustained else 1,
             )
-            run.server_cpu_s = cpu_seconds(pid) - cpu0
-            if busy0 is not None and pinning.cpus:
-                run.cpus_busy_s = busy_seconds(pinning.cpus) - busy0
-            run.drops = _minus(socket_drops(live.udp_port), drops0)
+            usage = meter.usage()
+            (run.server_cpu_s,), run.cpus_busy_s, run.drops = usage.cpu_s, usage.busy_s, usage.drops
             if sub is not None:
                 expected.value = run.requests.answered
                 run.received = inbox.take("sub", DRAIN_S + SETUP_TIMEOUT_S)
@@ -667,27 +579,10 @@ def put_run(
         run.error = str(exc) or repr(exc)
     finally:
         expected.value = max(expected.value, 0)  # a subscriber still waiting stops
-        _reap(sub)
+        reap(sub)
         results.close()
-        run.log_lines, run.log_tail = _log(log)
+        run.log_lines, run.log_tail = log_summary(log)
     return run
-
-
-def _minus(after: int | None, before: int | None) -> int | None:
-    return None if after is None or before is None else after - before
-
-
-def _reap(proc: BaseProcess | None) -> None:
-    if proc is not None and proc.pid is not None:
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-
-
-def _log(path: Path | None) -> tuple[int, str]:
-    lines = path.read_text(errors="replace").splitlines() if path is not None and path.exists() else []
-    return len(lines), tail("\n".join(lines), 10)
 
 
 # ---------------------------------------------------------------- notifications (mqgate)
@@ -713,7 +608,7 @@ class Notified:
     cpu_s: float
 
 
-def _register(socks: list[socket.socket], poller: select.epoll) -> int:
+def _register(observers: UdpEndpoints) -> int:
     """GET /mqtt/bench/n?c=obs{i} with Observe 0 from every observer socket (token i, message id i), at most
     ``MAX_REGISTERING`` unanswered, each again after ``RETRY_S``; checks every 2.05. Returns the resends."""
     requests = [
@@ -725,51 +620,29 @@ def _register(socks: list[socket.socket], poller: select.epoll) -> int:
             [(_OBSERVE, b""), *uri(("mqtt", "bench", "n"), f"c=obs{i}")],
             b"",
         )
-        for i in range(len(socks))
+        for i in range(len(observers.socks))
     ]
-    index_of = {sock.fileno(): i for i, sock in enumerate(socks)}
-    waiting: dict[int, float] = {}  # observer -> when its request was last sent, oldest first
-    following = iter(range(len(socks)))
-    done = resent = 0
-    deadline = time.monotonic() + SETUP_TIMEOUT_S
-    while done < len(socks):
-        now = time.monotonic()
-        if now > deadline:
-            raise LoadError(
-                f"{len(socks) - done} of {len(socks)} observers not registered after {SETUP_TIMEOUT_S:.0f} s"
-            )
-        while len(waiting) < MAX_REGISTERING:
-            i = next(following, None)
-            if i is None:
-                break
-            socks[i].send(requests[i])
-            waiting[i] = now
-        for i in [i for i, sent_at in waiting.items() if now - sent_at > RETRY_S]:
-            del waiting[i]
-            socks[i].send(requests[i])
-            waiting[i] = now
-            resent += 1
-        for fd, _ in poller.poll(0.05):
-            i = index_of[fd]
-            data = socks[i].recv(2048)
-            if i not in waiting or len(data) < 8 or _HEADER.unpack_from(data)[2] != i & 0xFFFF:
-                continue
-            first, code, _ = _HEADER.unpack_from(data)
-            if first != _ACK_4 or code != _CONTENT or _TOKEN.unpack_from(data, 4)[0] != i:
-                raise LoadError(f"observer {i}: registration answered with {data.hex()}")
-            del waiting[i]
-            done += 1
-    return resent
+
+    def answered(i: int) -> bool:
+        data = observers.socks[i].recv(2048)
+        if len(data) < 8 or _HEADER.unpack_from(data)[2] != i & 0xFFFF:
+            return False
+        first, code, _ = _HEADER.unpack_from(data)
+        if first != _ACK_4 or code != _CONTENT or _TOKEN.unpack_from(data, 4)[0] != i:
+            raise LoadError(f"observer {i}: registration answered with {data.hex()}")
+        return True
+
+    return observers.exchange(
+        requests, MAX_REGISTERING, RETRY_S, SETUP_TIMEOUT_S, answered, "observers not registered"
+    )
 
 
-def notify_load(
-    socks: list[socket.socket], poller: select.epoll, pub: socket.socket, count: int, seconds: float
-) -> Notified:
+def notify_load(observers: UdpEndpoints, pub: socket.socket, count: int, seconds: float) -> Notified:
     """QoS 0 PUBLISHes to bench/n (in batches, at most ``IN_SYSTEM`` notifications per observer unreceived)
     until ``count`` or ``seconds``; then waits at most ``DRAIN_S`` for the last notifications. Confirmable
     notifications are acknowledged at once."""
+    socks, poller, index_of = observers.socks, observers.poller, observers.index_of
     n_obs = len(socks)
-    index_of = {sock.fileno(): i for i, sock in enumerate(socks)}
     topic = b"bench/n"
     packet = bytearray(bytes((0x30, 2 + len(topic) + PAYLOAD_SIZE)) + struct.pack(">H", len(topic)) + topic)
     payload_at = len(packet)
@@ -872,22 +745,20 @@ class NotifyRun:
         if r is None:
             return out
         seconds = (r.last_ns - r.start_ns) / 1e9 if r.received else 0.0
-        return out | {
-            "notified": asdict(r),
-            "seconds": seconds,
-            "notifications_per_s": r.received / seconds if seconds > 0 else 0.0,
-            "p50_ms": r.p50_ms,
-            "p99_ms": r.p99_ms,
-            "lost": r.published * self.observers - r.received,
-            "server_cpu_us_per_notification": self.server_cpu_s * 1e6 / r.received if r.received else None,
-            "server_cpu_pct": _pct(self.server_cpu_s, seconds),
-            "load_cpu_pct": _pct(r.cpu_s, seconds),
-            "other_cpu_pct": (
-                None
-                if self.cpus_busy_s is None
-                else _pct(self.cpus_busy_s - self.server_cpu_s - r.cpu_s, seconds)
-            ),
-        }
+        return (
+            out
+            | {
+                "notified": asdict(r),
+                "seconds": seconds,
+                "notifications_per_s": r.received / seconds if seconds > 0 else 0.0,
+                "p50_ms": r.p50_ms,
+                "p99_ms": r.p99_ms,
+                "lost": r.published * self.observers - r.received,
+            }
+            | cpu_figures(
+                "server", "notification", self.server_cpu_s, r.cpu_s, self.cpus_busy_s, seconds, r.received
+            )
+        )
 
 
 def notify_run(
@@ -901,85 +772,43 @@ def notify_run(
 ) -> NotifyRun:
     """One notifications run on a fresh mqgate; raises StartError if it cannot start."""
     run = NotifyRun(observers, notify_type)
-    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if observers + SPARE_FILES > open_files:
-        run.error = f"{observers:,} observers need as many sockets: the open files limit is {open_files:,}"
+    run.error = sockets_error(observers, "observers", SPARE_FILES)
+    if run.error:
         return run
-    socks: list[socket.socket] = []
-    poller = select.epoll()
+    endpoints: UdpEndpoints | None = None
     log: Path | None = None
     try:
         with serving(
             SERVERS["mqgate"], workdir, f"n{observers}-{notify_type}", pinning.broker, mqgate, notify_type
         ) as live:
             log = live.log
-            for _ in range(observers):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OBSERVER_RCVBUF)
-                sock.setblocking(False)
-                sock.connect((HOST, live.udp_port))
-                poller.register(sock.fileno(), select.EPOLLIN)
+            endpoints = UdpEndpoints(observers, live.udp_port, OBSERVER_RCVBUF)
             t0 = time.monotonic()
-            run.register_resent = _register(socks, poller)
+            run.register_resent = _register(endpoints)
             run.register_s = time.monotonic() - t0
             assert live.tcp_port is not None
             pub, _ = connect(live.tcp_port, f"bench-coap-pub-{os.getpid()}")
             with pub:
-                pid = live.proc.pid
-                cpu0, busy0 = cpu_seconds(pid), busy_seconds(pinning.cpus) if pinning.cpus else None
-                drops0 = socket_drops(live.udp_port)
-                run.notified = notify_load(socks, poller, pub, max(1, count // observers), seconds)
-                run.server_cpu_s = cpu_seconds(pid) - cpu0
-                if busy0 is not None and pinning.cpus:
-                    run.cpus_busy_s = busy_seconds(pinning.cpus) - busy0
-                run.drops = _minus(socket_drops(live.udp_port), drops0)
+                meter = Meter([live.proc.pid], pinning.cpus, live.udp_port)
+                run.notified = notify_load(endpoints, pub, max(1, count // observers), seconds)
+                usage = meter.usage()
+                (run.server_cpu_s,), run.cpus_busy_s, run.drops = usage.cpu_s, usage.busy_s, usage.drops
                 pub.sendall(b"\xe0\x00")  # DISCONNECT
             if live.proc.poll() is not None:
                 raise LoadError(f"mqgate exited with code {live.proc.returncode} during the run")
     except (LoadError, OSError) as exc:
         run.error = str(exc) or repr(exc)
     finally:
-        poller.close()
-        for sock in socks:
-            sock.close()
-        run.log_lines, run.log_tail = _log(log)
+        if endpoints is not None:
+            endpoints.close()
+        run.log_lines, run.log_tail = log_summary(log)
     return run
 
 
 # ---------------------------------------------------------------- report
 
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
-
-
-def _mib(value: float | None) -> str:
-    return _fmt(None if value is None else value / 2**20, ",.1f")
-
-
-def _table(columns: Sequence[tuple[str, int]], rows: list[list[str]], left: int = 1) -> None:
-    """Prints ``rows`` under ``columns`` (header, width); the first ``left`` columns are left-aligned."""
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i < left else cell.rjust(width)
-            for i, (cell, (_, width)) in enumerate(zip(cells, columns, strict=False))
-        ).rstrip()
-
-    print(line([header for header, _ in columns]))
-    for row in rows:
-        extra = row[len(columns) :]
-        print(line(row[: len(columns)]) + ("  " + " ".join(extra) if extra else ""))
-
-
-def _busy(f: dict[str, Any], flags: list[bool]) -> str:
-    busy = (f["other_cpu_pct"] or 0.0) > BUSY_OTHER_PCT
-    flags.append(busy)
-    return _fmt(f["other_cpu_pct"], ".0f", "%") + ("!" if busy else "")
-
-
-def _print_requests(runs: list[PutRun], flags: list[bool]) -> None:
+def _print_requests(runs: list[PutRun], busy: BusyFlags) -> None:
     print("\nconfirmable PUT requests, 16-byte payload")
     rows = []
     for run in runs:
@@ -993,22 +822,22 @@ def _print_requests(runs: list[PutRun], flags: list[bool]) -> None:
             [
                 *row,
                 f"{f['requests_per_s']:,.0f}",
-                _fmt(f["p50_ms"], ".2f"),
-                _fmt(f["p99_ms"], ".2f"),
-                _fmt(f["server_cpu_us_per_request"], ".1f"),
-                _fmt(f["server_cpu_pct"], ".0f", "%"),
-                _fmt(f["load_cpu_pct"], ".0f", "%"),
-                _busy(f, flags),
+                fmt(f["p50_ms"], ".2f"),
+                fmt(f["p99_ms"], ".2f"),
+                fmt(f["server_cpu_us_per_request"], ".1f"),
+                fmt(f["server_cpu_pct"], ".0f", "%"),
+                fmt(f["load_cpu_pct"], ".0f", "%"),
+                busy.cell(f["other_cpu_pct"]),
                 f"{r['answered']:,}",
                 f"{r['refused']:,}",
                 f"{r['lost']:,}",
                 f"{r['resent']:,}",
-                _fmt(run.drops, ",d"),
-                _fmt(f["undelivered"], ",d"),
+                fmt(run.drops, ",d"),
+                fmt(f["undelivered"], ",d"),
                 *([run.error] if run.error else []),
             ]
         )
-    _table(
+    print_table(
         (
             ("server", 8),
             ("window", 6),
@@ -1031,7 +860,7 @@ def _print_requests(runs: list[PutRun], flags: list[bool]) -> None:
     )
 
 
-def _print_notifications(runs: list[NotifyRun], flags: list[bool]) -> None:
+def _print_notifications(runs: list[NotifyRun], busy: BusyFlags) -> None:
     print("\nmqgate notifications: an MQTT publisher at QoS 0 -> CoAP observers")
     rows = []
     for run in runs:
@@ -1045,22 +874,22 @@ def _print_notifications(runs: list[NotifyRun], flags: list[bool]) -> None:
             [
                 *row,
                 f"{f['notifications_per_s']:,.0f}",
-                _fmt(f["p50_ms"], ".2f"),
-                _fmt(f["p99_ms"], ".2f"),
-                _fmt(f["server_cpu_us_per_notification"], ".1f"),
-                _fmt(f["server_cpu_pct"], ".0f", "%"),
-                _fmt(f["load_cpu_pct"], ".0f", "%"),
-                _busy(f, flags),
+                fmt(f["p50_ms"], ".2f"),
+                fmt(f["p99_ms"], ".2f"),
+                fmt(f["server_cpu_us_per_notification"], ".1f"),
+                fmt(f["server_cpu_pct"], ".0f", "%"),
+                fmt(f["load_cpu_pct"], ".0f", "%"),
+                busy.cell(f["other_cpu_pct"]),
                 f"{r['published']:,}",
                 f"{r['received']:,}",
                 f"{f['lost']:,}",
                 f"{r['duplicates']:,}",
-                _fmt(run.drops, ",d"),
+                fmt(run.drops, ",d"),
                 f"{run.register_s:.2f}",
                 *([run.error] if run.error else []),
             ]
         )
-    _table(
+    print_table(
         (
             ("observers", 9),
             ("type", 4),
@@ -1083,7 +912,7 @@ def _print_notifications(runs: list[NotifyRun], flags: list[bool]) -> None:
     )
 
 
-def _print_sustained(runs: list[PutRun], mqgate: MqgateSetup | None, flags: list[bool]) -> None:
+def _print_sustained(runs: list[PutRun], mqgate: MqgateSetup | None, busy: BusyFlags) -> None:
     print(
         f"\nsustained: window {SUSTAIN_WINDOW}, confirmable PUTs; "
         f"RSS in MiB, sampled every {RSS_EVERY_S:.0f} s"
@@ -1105,22 +934,22 @@ def _print_sustained(runs: list[PutRun], mqgate: MqgateSetup | None, flags: list
             [
                 *row,
                 f"{f['requests_per_s']:,.0f}",
-                _fmt(f["p99_ms"], ".2f"),
-                _fmt(f["server_cpu_us_per_request"], ".1f"),
-                _busy(f, flags),
-                _mib(f["rss_start"]),
-                _mib(f["rss_end"]),
-                _mib(f["rss_max"]),
-                _mib(f["rss_growth"]),
-                _mib(f["rss_growth_second_half"]),
+                fmt(f["p99_ms"], ".2f"),
+                fmt(f["server_cpu_us_per_request"], ".1f"),
+                busy.cell(f["other_cpu_pct"]),
+                mib(f["rss_start"]),
+                mib(f["rss_end"]),
+                mib(f["rss_max"]),
+                mib(f["rss_growth"]),
+                mib(f["rss_growth_second_half"]),
                 f"{r['answered']:,}",
                 f"{r['lost']:,}",
                 f"{r['resent']:,}",
-                _fmt(run.drops, ",d"),
+                fmt(run.drops, ",d"),
                 *([run.error] if run.error else []),
             ]
         )
-    _table(
+    print_table(
         (
             ("server", 8),
             ("s", 4),
@@ -1139,6 +968,7 @@ def _print_sustained(runs: list[PutRun], mqgate: MqgateSetup | None, flags: list
             ("drops", 5),
         ),
         rows,
+        left=1,
     )
 
 
@@ -1172,13 +1002,13 @@ def _print_side_by_side(runs: list[PutRun], by_cell: dict[str, dict[str, float]]
         rows.append(
             [
                 cell,
-                *(_fmt(rate, ",.0f") for rate in rates),
-                *(_fmt(cpu, ".1f") for cpu in cpus),
-                _fmt(by_cell.get(cell, {}).get("aiocoap"), ".2f"),
-                _fmt(by_cell.get(cell, {}).get("libcoap"), ".2f"),
+                *(fmt(rate, ",.0f") for rate in rates),
+                *(fmt(cpu, ".1f") for cpu in cpus),
+                fmt(by_cell.get(cell, {}).get("aiocoap"), ".2f"),
+                fmt(by_cell.get(cell, {}).get("libcoap"), ".2f"),
             ]
         )
-    _table(
+    print_table(
         (
             ("window", 12),
             ("mqgate/s", 9),
@@ -1191,18 +1021,11 @@ def _print_side_by_side(runs: list[PutRun], by_cell: dict[str, dict[str, float]]
             ("x libcoap", 9),
         ),
         rows,
+        left=1,
     )
 
 
 # ---------------------------------------------------------------- main
-
-
-def _servers(value: str) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SERVERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(SERVERS)} (got {value!r})")
-    return names
 
 
 def _sustain(value: str) -> dict[str, float]:
@@ -1245,7 +1068,7 @@ def _progress(run: PutRun | NotifyRun) -> None:
         label = f"{run.server} {'sustained ' if run.sustained else ''}window={run.window}"
         if "requests_per_s" in f:
             r: dict[str, Any] = f["requests"]
-            rss = f" RSS {_mib(f['rss_start'])} -> {_mib(f['rss_end'])} MiB" if "rss_start" in f else ""
+            rss = f" RSS {mib(f['rss_start'])} -> {mib(f['rss_end'])} MiB" if "rss_start" in f else ""
             print(
                 f"{label}: {r['answered']:,}/{r['sent']:,} answered in {f['seconds']:.2f} s = "
                 f"{f['requests_per_s']:,.0f} req/s{rss}",
@@ -1310,22 +1133,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--servers",
-        type=_servers,
+        type=names_of(SERVERS),
         default=list(SERVERS),
         help=f"comma-separated, default {','.join(SERVERS)}",
     )
     args = parser.parse_args()
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pinning = Pinning.split()
-    if pinning.load and pinning.broker:
-        os.sched_setaffinity(0, pinning.load)
-        print(f"load generator on cpu {sorted(pinning.load)}, servers on cpu {sorted(pinning.broker)}")
-    else:
-        print(
-            "one cpu only: servers and the load generator share it (figures are not comparable to 2-cpu runs)"
-        )
+    pinning = pin_load_generator("servers")
 
     results = Results()
     mqgate: MqgateSetup | None = None
@@ -1342,24 +1155,20 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted")
 
-    flags: list[bool] = []
+    busy = BusyFlags()
     by_cell = ratios(results.puts + results.sustained)
-    _print_requests(results.puts, flags)
+    _print_requests(results.puts, busy)
     if results.notifications:
-        _print_notifications(results.notifications, flags)
+        _print_notifications(results.notifications, busy)
     if results.sustained:
-        _print_sustained(results.sustained, mqgate, flags)
+        _print_sustained(results.sustained, mqgate, busy)
     _print_side_by_side(results.puts + results.sustained, by_cell)
-    if any(flags):
-        print(
-            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
-            "its rates and latencies are not comparable, cpu us/req suffers least"
-        )
+    busy.print_note("rates", "cpu us/req")
     print(
         json.dumps(
             {
                 "quick": args.quick,
-                "cpus": {"load": sorted(pinning.load or ()), "server": sorted(pinning.broker or ())},
+                "cpus": pinning.figures("server"),
                 "mqgate_dedup": None if mqgate is None else asdict(mqgate),
                 "requests": [r.figures() for r in results.puts],
                 "notifications": [r.figures() for r in results.notifications],

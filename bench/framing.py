@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from _common import REPO
+from _common import REPO, print_table
 
 sys.path.insert(0, str(REPO))
 
@@ -38,6 +38,17 @@ MIN_FRAME, MAX_FRAME = 20, 100
 NODES = [struct.pack(">Q", 0x0013A20040A10000 + node) for node in range(16)]
 BITS_PER_OCTET = 10
 """8N1: a start bit, 8 data bits, a stop bit."""
+_COLUMNS = (  # header, width; the first is left-aligned
+    ("framing", 8),
+    ("chunk", 5),
+    ("wire B/frame", 12),
+    ("frames/s", 10),
+    ("us/frame", 9),
+    ("encode us", 9),
+    ("line frames/s", 13),
+    ("x line", 8),
+    ("CPU at line %", 13),
+)
 
 
 @dataclass(slots=True)
@@ -153,24 +164,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.frames} MQTT-SN PUBLISH frames of {MIN_FRAME}-{MAX_FRAME} octets (mean {mean:.1f}); "
         f"line: {args.baud} baud 8N1 = {args.baud // BITS_PER_OCTET} octets/s; best of {args.repeat}"
     )
-    header = (
-        f"{'framing':8} {'chunk':>5} {'wire B/frame':>12} {'frames/s':>10} {'us/frame':>9} {'encode us':>9} "
-        f"{'line frames/s':>13} {'x line':>8} {'CPU at line %':>13}"
-    )
-    print(header)
-    print("-" * len(header))
     rows: list[Row] = []
     for chunk in chunks:
         # byte-at-a-time feeding is slow by nature: a tenth of the frames keeps the run short
         sample = frames if chunk >= 16 else frames[: max(1, len(frames) // 10)]
         for framing in FRAMINGS:
-            row = measure(framing, sample, chunk, args.baud, args.repeat)
-            rows.append(row)
-            print(
-                f"{row.framing:8} {row.chunk:>5} {row.wire_octets_per_frame:>12.1f} "
-                f"{row.frames_per_s:>10,.0f} {row.us_per_frame:>9.2f} {row.encode_us_per_frame:>9.2f} "
-                f"{row.line_frames_per_s:>13,.1f} {row.ratio:>8,.0f} {row.cpu_at_line_rate_pct:>13.3f}"
-            )
+            rows.append(measure(framing, sample, chunk, args.baud, args.repeat))
+    print_table(
+        _COLUMNS,
+        [
+            [
+                row.framing,
+                str(row.chunk),
+                f"{row.wire_octets_per_frame:.1f}",
+                f"{row.frames_per_s:,.0f}",
+                f"{row.us_per_frame:.2f}",
+                f"{row.encode_us_per_frame:.2f}",
+                f"{row.line_frames_per_s:,.1f}",
+                f"{row.ratio:,.0f}",
+                f"{row.cpu_at_line_rate_pct:.3f}",
+            ]
+            for row in rows
+        ],
+        left=1,
+    )
     print(json.dumps({"benchmark": "framing", "baud": args.baud, "rows": [asdict(row) for row in rows]}))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import select
 import socket
 import struct
@@ -32,28 +31,34 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _common import (
-    BUSY_OTHER_PCT,
     HOST,
     START_TIMEOUT_S,
+    BusyFlags,
+    Meter,
     Pinning,
     StartError,
-    busy_seconds,
-    cpu_seconds,
+    UdpEndpoints,
+    fmt,
     free_port,
+    log_summary,
+    mqgate_argv,
     mqgate_config,
+    mqgate_toml,
+    pct,
+    pin_load_generator,
+    positive_ints,
+    print_table,
     rss_bytes,
     running,
     sections_to_disable,
-    socket_drops,
-    tail,
+    sockets_error,
 )
-from _loadgen import LoadError, connect, percentile_ms, remaining_length, subscribe
+from _loadgen import LoadError, complete_packets, connect, percentile_ms, send_all, subscribe, utf8, varint
 
 DEVICES = (1, 10_000)
 WINDOWS = (1, 64)
@@ -126,20 +131,6 @@ def _ping() -> bytes:
     return _HEADER.pack(0x40 | _CON << 4, 0, 0x1234)
 
 
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | 0x80 if n else digit)
-        if not n:
-            return bytes(out)
-
-
 # ---------------------------------------------------------------- the devices and the application
 
 
@@ -180,30 +171,12 @@ class Commanded:
     socket_drops: int | None
 
 
-class Devices:
+class Devices(UdpEndpoints):
     """N LwM2M devices, each a non-blocking UDP socket connected to the gateway, on one epoll."""
 
     def __init__(self, n: int, port: int) -> None:
-        self.socks: list[socket.socket] = []
-        self.poller = select.epoll()
-        self.device_of: dict[int, int] = {}
+        super().__init__(n, port)
         self.gets = 0
-        try:
-            for i in range(n):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                self.socks.append(sock)
-                sock.setblocking(False)
-                sock.connect((HOST, port))
-                self.poller.register(sock.fileno(), select.EPOLLIN)
-                self.device_of[sock.fileno()] = i
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self.poller.close()
-        for sock in self.socks:
-            sock.close()
 
     def _datagrams(self, i: int) -> list[bytes]:
         """Every datagram waiting at device i; CON GETs are answered here and left out."""
@@ -223,48 +196,29 @@ class Devices:
 
     def register(self) -> tuple[float, int]:
         """Registers every device, ``REG_WINDOW`` unanswered at a time; returns (seconds, resent)."""
+
+        def answered(i: int) -> bool:
+            created = False
+            for data in self._datagrams(i):
+                if len(data) < 4 or data[1] == 0:
+                    continue  # an empty ACK: the response comes separately
+                if data[0] >> 4 & 3 == _CON:
+                    self.socks[i].send(_HEADER.pack(0x40 | _ACK << 4, 0, data[2] << 8 | data[3]))
+                if data[1] != _CREATED:
+                    raise LoadError(f"device {i}: registration answered {data[1] >> 5}.{data[1] & 31:02d}")
+                created = True
+            return created
+
         n = len(self.socks)
-        requests = [register_datagram(i, (i + 1) & 0xFFFF) for i in range(n)]
-        waiting: dict[int, int] = {}  # device -> when its request was last sent (ns), oldest first
-        following = iter(range(n))
-        done = resent = 0
         start = _now_ns()
-        deadline = start + int(SETUP_TIMEOUT_S * 1e9)
-        retry_ns = int(RETRY_S * 1e9)
-        while done < n:
-            t = _now_ns()
-            if t > deadline:
-                raise LoadError(f"{n - done} of {n} devices not registered after {SETUP_TIMEOUT_S:.0f} s")
-            while len(waiting) < REG_WINDOW:
-                i = next(following, -1)
-                if i < 0:
-                    break
-                self.socks[i].send(requests[i])
-                waiting[i] = t
-            expired = []
-            for i, sent_at in waiting.items():
-                if t - sent_at <= retry_ns:
-                    break
-                expired.append(i)
-            for i in expired:
-                del waiting[i]
-                self.socks[i].send(requests[i])
-                waiting[i] = t
-                resent += 1
-            for fd, _ in self.poller.poll(0.05):
-                i = self.device_of[fd]
-                for data in self._datagrams(i):
-                    if len(data) < 4 or data[1] == 0:
-                        continue  # an empty ACK: the response comes separately
-                    mtype = data[0] >> 4 & 3
-                    if mtype == _CON:
-                        self.socks[i].send(_HEADER.pack(0x40 | _ACK << 4, 0, data[2] << 8 | data[3]))
-                    if data[1] != _CREATED:
-                        raise LoadError(
-                            f"device {i}: registration answered {data[1] >> 5}.{data[1] & 31:02d}"
-                        )
-                    if waiting.pop(i, None) is not None:
-                        done += 1
+        resent = self.exchange(
+            [register_datagram(i, (i + 1) & 0xFFFF) for i in range(n)],
+            REG_WINDOW,
+            RETRY_S,
+            SETUP_TIMEOUT_S,
+            answered,
+            "devices not registered",
+        )
         return (_now_ns() - start) / 1e9, resent
 
     def command(
@@ -275,7 +229,7 @@ class Devices:
 
         Returns (sent, good responses, other responses, start ns, last response ns, p50 ms, p99 ms)."""
         n = len(self.socks)
-        topics = [_utf8(f"lwm2m/dev{i}/dn") for i in range(n)]
+        topics = [utf8(f"lwm2m/dev{i}/dn") for i in range(n)]
         mqtt_fd = mqtt.fileno()
         self.poller.register(mqtt_fd, select.EPOLLIN)
         sent_at: dict[int, int] = {}
@@ -283,7 +237,7 @@ class Devices:
         latencies = array("q")
         sent = good = bad = 0
         buf = bytearray()
-        poll, device_of = self.poller.poll, self.device_of
+        poll, device_of = self.poller.poll, self.index_of
         start = last = t = _now_ns()
         stop, drain_until = start + int(seconds * 1e9), 0
         try:
@@ -297,11 +251,11 @@ class Devices:
                                 READ_PATH.encode(),
                             )
                             topic = topics[sent % n]
-                            out += b"\x30" + _varint(len(topic) + len(payload)) + topic + payload
+                            out += b"\x30" + varint(len(topic) + len(payload)) + topic + payload
                             sent_at[sent] = t
                             sent += 1
                         if out:
-                            _send(mqtt, out)
+                            send_all(mqtt, out, "the MQTT connection")
                     else:
                         drain_until = t + int(DRAIN_S * 1e9)
                 if drain_until and (not sent_at or t > drain_until):
@@ -317,16 +271,7 @@ class Devices:
                         raise LoadError("the broker closed the MQTT connection")
                     t = _now_ns()
                     buf += data
-                    pos, end = 0, len(buf)
-                    while end - pos >= 2:
-                        first, length, body_at = buf[pos], buf[pos + 1], pos + 2
-                        if length & 0x80:
-                            decoded = remaining_length(buf, pos + 1)
-                            if decoded is None:
-                                break
-                            length, body_at = decoded
-                        if body_at + length > end:
-                            break
+                    for first, body_at, length in complete_packets(buf):
                         if first >> 4 == 3:
                             at = body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1])
                             if first & 0x06:
@@ -345,23 +290,10 @@ class Devices:
                                 if (good + bad) % every == 0:
                                     latencies.append(t - sent_ns)
                                 last = t
-                        pos = body_at + length
-                    del buf[:pos]
         finally:
             self.poller.unregister(mqtt_fd)
         ordered = sorted(latencies)
         return sent, good, bad, start, last, percentile_ms(ordered, 50), percentile_ms(ordered, 99)
-
-
-def _send(sock: socket.socket, data: bytes | bytearray) -> None:
-    """``sendall`` for a non-blocking socket, waiting at most 10 s for buffer space."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            if not select.select([], [sock], [], 10.0)[1]:
-                raise LoadError("the broker stopped reading the MQTT connection") from None
 
 
 # ---------------------------------------------------------------- one run per number of devices
@@ -411,10 +343,11 @@ class Settings:
 
 def _write_config(path: Path, tcp_port: int, udp_port: int, disabled: list[str]) -> None:
     path.write_text(
-        f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
-        f'[gateways.lwm2m]\nbind = "{HOST}:{udp_port}"\nlifetime_grace = {LIFETIME_GRACE_S}\n\n'
-        + "".join(f"[{name}]\nenabled = false\n\n" for name in disabled)
-        + '[log]\nlevel = "warning"\n'
+        mqgate_toml(
+            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
+            f'[gateways.lwm2m]\nbind = "{HOST}:{udp_port}"\nlifetime_grace = {LIFETIME_GRACE_S}\n\n',
+            disabled,
+        )
     )
 
 
@@ -437,20 +370,17 @@ def _wait_gateway(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled: list[str]) -> None:
     """Runs every step for ``run.devices`` on a fresh mqgate; raises StartError if mqgate does not start."""
-    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if run.devices + SPARE_FILES > open_files:
-        run.error = f"{run.devices:,} devices need as many sockets: the open files limit is {open_files:,}"
+    run.error = sockets_error(run.devices, "devices", SPARE_FILES)
+    if run.error:
         return
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     config = workdir / f"mqgate-{run.devices}.toml"
     log = config.with_suffix(".log")
     _write_config(config, tcp_port, udp_port, disabled)
-    argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
-    cpus = pinning.cpus
     devices: Devices | None = None
     mqtt: socket.socket | None = None
     try:
-        with running(argv, log, tcp_port, pinning.broker) as proc:
+        with running(mqgate_argv(config), log, tcp_port, pinning.broker) as proc:
             pid = proc.pid
             _wait_gateway(udp_port, proc)
             mqtt, reader = connect(tcp_port, f"bench-lwm2m-{os.getpid()}")
@@ -458,27 +388,25 @@ def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled
             mqtt.setblocking(False)
             devices = Devices(run.devices, udp_port)
             run.rss_before = rss_bytes(pid)
-            cpu0, load0 = cpu_seconds(pid), time.process_time()
+            meter, load0 = Meter([pid], None), time.process_time()
             reg_s, resent = devices.register()
             run.registered = Registered(
                 run.devices,
                 reg_s,
                 run.devices / reg_s if reg_s > 0 else 0.0,
                 resent,
-                cpu_seconds(pid) - cpu0,
+                meter.usage().cpu_s[0],
                 time.process_time() - load0,
             )
             run.rss_registered = rss_bytes(pid)
             for window in settings.windows:
-                drops0 = socket_drops(udp_port)
-                cpu0, load0 = cpu_seconds(pid), time.process_time()
-                busy0 = busy_seconds(cpus) if cpus else None
+                meter, load0 = Meter([pid], pinning.cpus, udp_port), time.process_time()
                 gets0 = devices.gets
                 sent, good, bad, start, last, p50, p99 = devices.command(
                     mqtt, window, settings.count, settings.seconds
                 )
                 seconds = (last - start) / 1e9 if good + bad else 0.0
-                drops1 = socket_drops(udp_port)
+                usage = meter.usage()
                 run.commanded.append(
                     Commanded(
                         window,
@@ -491,10 +419,10 @@ def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled
                         good / seconds if seconds > 0 else 0.0,
                         p50,
                         p99,
-                        cpu_seconds(pid) - cpu0,
+                        usage.cpu_s[0],
                         time.process_time() - load0,
-                        None if busy0 is None or not cpus else busy_seconds(cpus) - busy0,
-                        None if drops0 is None or drops1 is None else drops1 - drops0,
+                        usage.busy_s,
+                        usage.drops,
                     )
                 )
                 _print_commanded(run.devices, run.commanded[-1])
@@ -508,25 +436,10 @@ def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled
             devices.close()
         if mqtt is not None:
             mqtt.close()
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        run.log_lines, run.log_tail = len(lines), tail("\n".join(lines), 10)
+        run.log_lines, run.log_tail = log_summary(log)
 
 
 # ---------------------------------------------------------------- report
-
-
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
-
-
-def _table(columns: Sequence[tuple[str, int]], rows: list[list[str]]) -> None:
-    print("  ".join(header.rjust(width) for header, width in columns))
-    for row in rows:
-        print("  ".join(cell.rjust(width) for cell, (_, width) in zip(row, columns, strict=False)))
 
 
 def _print_commanded(devices: int, c: Commanded) -> None:
@@ -552,15 +465,15 @@ def _print_tables(runs: list[Run]) -> None:
                 f"{r.per_s:,.0f}",
                 f"{r.seconds:.2f}",
                 f"{r.resent:,}",
-                _fmt(r.gateway_cpu_s * 1e6 / run.devices, ",.0f"),
-                _fmt(_pct(r.gateway_cpu_s, r.seconds), ".0f", "%"),
-                _fmt(_pct(r.load_cpu_s, r.seconds), ".0f", "%"),
-                _fmt(None if run.rss_before is None else run.rss_before / 2**20, ".1f"),
-                _fmt(None if run.rss_registered is None else run.rss_registered / 2**20, ".1f"),
-                _fmt(run.rss_per_device, ",.0f"),
+                fmt(r.gateway_cpu_s * 1e6 / run.devices, ",.0f"),
+                fmt(pct(r.gateway_cpu_s, r.seconds), ".0f", "%"),
+                fmt(pct(r.load_cpu_s, r.seconds), ".0f", "%"),
+                fmt(None if run.rss_before is None else run.rss_before / 2**20, ".1f"),
+                fmt(None if run.rss_registered is None else run.rss_registered / 2**20, ".1f"),
+                fmt(run.rss_per_device, ",.0f"),
             ]
         )
-    _table(
+    print_table(
         (
             ("devices", 7),
             ("regs/s", 7),
@@ -577,37 +490,35 @@ def _print_tables(runs: list[Run]) -> None:
     )
     print()
     print(f"read commands ({READ_PATH}): MQTT publish -> CON GET -> ACK 2.05 -> up/resp")
-    rows, flagged = [], False
+    rows, busy = [], BusyFlags()
     for run in runs:
         for c in run.commanded:
             other = (
                 None
                 if c.cpus_busy_s is None
-                else _pct(c.cpus_busy_s - c.gateway_cpu_s - c.load_cpu_s, c.seconds)
+                else pct(c.cpus_busy_s - c.gateway_cpu_s - c.load_cpu_s, c.seconds)
             )
-            busy = (other or 0.0) > BUSY_OTHER_PCT
-            flagged |= busy
             rows.append(
                 [
                     f"{run.devices:,}",
                     str(c.window),
                     f"{c.per_s:,.0f}",
-                    _fmt(c.p50_ms, ".2f"),
-                    _fmt(c.p99_ms, ".2f"),
+                    fmt(c.p50_ms, ".2f"),
+                    fmt(c.p99_ms, ".2f"),
                     f"{c.responses:,}",
                     f"{c.errors:,}",
                     f"{c.unanswered:,}",
                     f"{c.gets - c.sent:,}",
-                    _fmt(c.socket_drops, ",d"),
-                    _fmt(c.gateway_cpu_s * 1e6 / c.responses if c.responses else None, ".0f"),
-                    _fmt(_pct(c.gateway_cpu_s, c.seconds), ".0f", "%"),
-                    _fmt(_pct(c.load_cpu_s, c.seconds), ".0f", "%"),
-                    _fmt(other, ".0f", "%") + ("!" if busy else ""),
+                    fmt(c.socket_drops, ",d"),
+                    fmt(c.gateway_cpu_s * 1e6 / c.responses if c.responses else None, ".0f"),
+                    fmt(pct(c.gateway_cpu_s, c.seconds), ".0f", "%"),
+                    fmt(pct(c.load_cpu_s, c.seconds), ".0f", "%"),
+                    busy.cell(other),
                 ]
             )
         if run.error and run.registered is not None:
             rows.append([f"{run.devices:,}", "-", f"failed: {run.error}"])
-    _table(
+    print_table(
         (
             ("devices", 7),
             ("window", 6),
@@ -626,24 +537,10 @@ def _print_tables(runs: list[Run]) -> None:
         ),
         rows,
     )
-    if flagged:
-        print(
-            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
-            "its reads/s and latencies are not comparable, cpu us/read suffers least"
-        )
+    busy.print_note("reads/s", "cpu us/read")
 
 
 # ---------------------------------------------------------------- main
-
-
-def _numbers(value: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in value.split(",") if n.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers (got {value!r})")
-    return numbers
 
 
 def main() -> None:
@@ -654,26 +551,16 @@ def main() -> None:
         "--quick", action="store_true", help=f"{QUICK_COUNT:,} commands or {QUICK_RUN_S:.0f} s per cell"
     )
     parser.add_argument(
-        "--devices", type=_numbers, default=list(DEVICES), help="comma-separated, default 1,10000"
+        "--devices", type=positive_ints, default=list(DEVICES), help="comma-separated, default 1,10000"
     )
     parser.add_argument(
-        "--windows", type=_numbers, default=list(WINDOWS), help="comma-separated, default 1,64"
+        "--windows", type=positive_ints, default=list(WINDOWS), help="comma-separated, default 1,64"
     )
     args = parser.parse_args()
     settings = Settings(
         QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, tuple(args.windows)
     )
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pinning = Pinning.split()
-    if pinning.load and pinning.broker:
-        os.sched_setaffinity(0, pinning.load)
-        print(f"load generator on cpu {sorted(pinning.load)}, mqgate on cpu {sorted(pinning.broker)}")
-    else:
-        print(
-            "one cpu only: mqgate and the load generator share it (figures are not comparable to 2-cpu runs)"
-        )
+    pinning = pin_load_generator("mqgate")
 
     runs = [Run(n) for n in args.devices]
     try:
@@ -692,7 +579,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
-                "cpus": {"load": sorted(pinning.load or ()), "mqgate": sorted(pinning.broker or ())},
+                "cpus": pinning.figures("mqgate"),
                 "count": settings.count,
                 "seconds": settings.seconds,
                 "registration_window": REG_WINDOW,
@@ -708,7 +595,7 @@ def _print_progress(run: Run) -> None:
     if r is not None:
         print(
             f"devices={run.devices}: registered in {r.seconds:.2f} s = {r.per_s:,.0f}/s; "
-            f"{_fmt(run.rss_per_device, ',.0f')} B of RSS per device",
+            f"{fmt(run.rss_per_device, ',.0f')} B of RSS per device",
             flush=True,
         )
     if run.error:

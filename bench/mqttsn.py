@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import itertools
 import json
 import multiprocessing as mp
 import os
-import resource
-import select
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,22 +31,30 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    BUSY_OTHER_PCT,
     HOST,
     START_TIMEOUT_S,
+    BusyFlags,
+    Meter,
     Pinning,
     StartError,
-    busy_seconds,
-    cpu_seconds,
+    UdpEndpoints,
+    cpu_figures,
+    fmt,
     free_port,
+    log_summary,
+    mqgate_argv,
     mqgate_config,
+    mqgate_toml,
+    pin_load_generator,
+    positive_ints,
+    print_table,
+    reap,
     rss_bytes,
     running,
     sections_to_disable,
-    socket_drops,
-    tail,
+    sockets_error,
 )
-from _loadgen import Inbox, LoadError, child_setup, connect, percentile_ms, remaining_length, subscribe
+from _loadgen import Inbox, LoadError, Received, StampedSubscriber
 
 REFERENCE_MSGS_PER_S = {1: 8_600, 8: 23_500}
 """Eclipse Paho MQTT-SN gateway (C++) in front of mosquitto on this kind of machine, by window: one client,
@@ -88,7 +92,6 @@ number, 4 zero bytes."""
 _PUBLISH_QOS1, _DUP = 0x20, 0x80
 _ACK = struct.Struct(">BBHHB")
 """REGACK and PUBACK: length, type, topic id, msg id, return code."""
-_STAMP = struct.Struct(">QI")
 _now_ns = time.monotonic_ns
 
 
@@ -126,31 +129,13 @@ class Published:
     cpu_s: float
 
 
-class Clients:
+class Clients(UdpEndpoints):
     """N MQTT-SN clients, each its own non-blocking UDP socket connected to the gateway, on one epoll."""
 
     def __init__(self, n: int, port: int) -> None:
-        self.socks: list[socket.socket] = []
-        self.poller = select.epoll()
-        self.client_of: dict[int, int] = {}
+        super().__init__(n, port)
         self.topic_ids = [0] * n
         self.setup_resent = 0
-        try:
-            for i in range(n):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                self.socks.append(sock)
-                sock.setblocking(False)
-                sock.connect((HOST, port))
-                self.poller.register(sock.fileno(), select.EPOLLIN)
-                self.client_of[sock.fileno()] = i
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self.poller.close()
-        for sock in self.socks:
-            sock.close()
 
     def connect(self) -> None:
         """CONNECT every client and check every CONNACK."""
@@ -175,39 +160,24 @@ class Clients:
     def _exchange(self, requests: Sequence[bytes], answer_type: int) -> list[bytes]:
         """Sends ``requests[i]`` from client i, at most ``MAX_IN_FLIGHT`` unanswered at a time, each again
         after ``RETRY_S`` without an answer; returns every client's first answer of ``answer_type``."""
-        answers: list[bytes | None] = [None] * len(requests)
-        waiting: dict[int, float] = {}  # client -> when its request was last sent, oldest first
-        following = iter(range(len(requests)))
-        done = 0
-        deadline = time.monotonic() + SETUP_TIMEOUT_S
-        while done < len(requests):
-            now = time.monotonic()
-            if now > deadline:
-                raise LoadError(
-                    f"{len(requests) - done} of {len(requests)} clients got no answer of type "
-                    f"{answer_type:#04x} after {SETUP_TIMEOUT_S:.0f} s"
-                )
-            for i in itertools.islice(following, MAX_IN_FLIGHT - len(waiting)):
-                self.socks[i].send(requests[i])
-                waiting[i] = now
-            expired = []
-            for i, sent_at in waiting.items():
-                if now - sent_at <= RETRY_S:
-                    break
-                expired.append(i)
-            for i in expired:
-                del waiting[i]
-                self.socks[i].send(requests[i])
-                waiting[i] = now
-                self.setup_resent += 1
-            for fd, _ in self.poller.poll(0.05):
-                i = self.client_of[fd]
-                data = self.socks[i].recv(256)
-                if len(data) >= 2 and data[1] == answer_type and i in waiting:
-                    del waiting[i]
-                    answers[i] = data
-                    done += 1
-        return [a for a in answers if a is not None]  # all of them by now
+        answers = [b""] * len(requests)
+
+        def answered(i: int) -> bool:
+            data = self.socks[i].recv(256)
+            if len(data) < 2 or data[1] != answer_type or answers[i]:
+                return False
+            answers[i] = data
+            return True
+
+        self.setup_resent += self.exchange(
+            requests,
+            MAX_IN_FLIGHT,
+            RETRY_S,
+            SETUP_TIMEOUT_S,
+            answered,
+            f"clients got no answer of type {answer_type:#04x}",
+        )
+        return answers
 
     def publish(self, window: int, max_in_flight: int, count: int, seconds: float) -> Published:
         """QoS 1 PUBLISHes, ``window`` outstanding per client, each PUBACK releasing that client's next, until
@@ -215,7 +185,7 @@ class Clients:
 
         With more than ``max_in_flight`` window slots in all, clients with a free slot take turns as PUBACKs
         free room. An unacknowledged PUBLISH is sent again, with DUP set, every ``RETRY_S``."""
-        socks, topic_ids, client_of, poll = self.socks, self.topic_ids, self.client_of, self.poller.poll
+        socks, topic_ids, client_of, poll = self.socks, self.topic_ids, self.index_of, self.poller.poll
         outstanding: list[dict[int, bytes]] = [{} for _ in socks]  # per client: msg id -> datagram
         msg_ids = [0] * len(socks)
         ready = deque(i for _ in range(window) for i in range(len(socks)))  # one entry per free window slot
@@ -277,17 +247,6 @@ class Clients:
 # ---------------------------------------------------------------- the subscriber
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    delivered: int
-    """Distinct messages."""
-    duplicates: int
-    last_ns: int
-    p50_ms: float | None
-    p99_ms: float | None
-    cpu_s: float
-
-
 def _subscriber_main(
     port: int,
     count: int,
@@ -295,81 +254,17 @@ def _subscriber_main(
     expected: ctypes.c_int64,
     results: mp.Queue[tuple[str, Any]],
 ) -> None:
-    child_setup(cpus)
-    try:
-        sock, reader = connect(port, f"bench-sn-sub-{os.getpid()}")
-        with sock:
-            subscribe(sock, reader, [SUBSCRIPTION], 0)
-            results.put(("sub-ready", None))
-            results.put(("sub", _receive(sock, count, expected)))
-    except Exception as exc:
-        results.put(("error", f"subscriber: {exc!r}"))
-
-
-def _receive(sock: socket.socket, count: int, expected: ctypes.c_int64) -> Received:
-    """Counts deliveries (message sequence numbers below ``count``) until ``expected`` (-1 while publishing
-    goes on) distinct ones arrived, or none for ``IDLE_S`` once publishing is over, or time runs out."""
-    sock.setblocking(False)
-    poller = select.epoll()
-    poller.register(sock.fileno(), select.EPOLLIN)
-    seen = bytearray(count)
-    every = max(1, count // LATENCY_SAMPLES)
-    latencies = array("q")
-    n = duplicates = last = publisher_done = 0
-    give_up = _now_ns() + int((2 * SETUP_TIMEOUT_S + RUN_S + DRAIN_S) * 1e9)
-    buf = bytearray()
-    unpack_stamp = _STAMP.unpack_from
-    cpu0 = time.process_time()
-    while True:
-        t = _now_ns()
-        if expected.value >= 0:
-            if n >= expected.value:
-                break
-            if not publisher_done:
-                publisher_done = t
-                give_up = t + int(DRAIN_S * 1e9)
-            if t > max(last, publisher_done) + int(IDLE_S * 1e9):
-                break
-        if t > give_up:
-            break
-        if not poller.poll(0.05):
-            continue
-        data = sock.recv(1 << 18)
-        if not data:
-            raise LoadError("the broker closed the subscriber connection")
-        t = _now_ns()
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            first, length, body_at = buf[pos], buf[pos + 1], pos + 2
-            if length & 0x80:
-                decoded = remaining_length(buf, pos + 1)
-                if decoded is None:
-                    break
-                length, body_at = decoded
-            if body_at + length > end:
-                break
-            if first >> 4 == 3:  # PUBLISH at QoS 0: topic, then the payload
-                sent_ns, seq = unpack_stamp(buf, body_at + 2 + (buf[body_at] << 8 | buf[body_at + 1]))
-                if seen[seq]:
-                    duplicates += 1
-                else:
-                    seen[seq] = 1
-                    if n % every == 0:
-                        latencies.append(t - sent_ns)
-                    n += 1
-                    last = t
-            pos = body_at + length
-        del buf[:pos]
-    ordered = sorted(latencies)
-    return Received(
-        n,
-        duplicates,
-        last,
-        percentile_ms(ordered, 50),
-        percentile_ms(ordered, 99),
-        time.process_time() - cpu0,
+    """The subscriber process: ``SUBSCRIPTION`` at QoS 0 on the MQTT listener at ``port``, ``count``
+    messages expected at most."""
+    subscriber = StampedSubscriber(
+        port,
+        SUBSCRIPTION,
+        f"bench-sn-sub-{os.getpid()}",
+        2 * SETUP_TIMEOUT_S + RUN_S + DRAIN_S,
+        DRAIN_S,
+        max(1, count // LATENCY_SAMPLES),
     )
+    subscriber.main(cpus, expected, results)
 
 
 # ---------------------------------------------------------------- one cell
@@ -426,41 +321,37 @@ class Cell:
         load_cpu_s = p.cpu_s + r.cpu_s
         reference = REFERENCE_MSGS_PER_S.get(self.window)
         msgs_per_s = r.delivered / seconds if seconds > 0 else 0.0
-        return out | {
-            "published": asdict(p),
-            "received": asdict(r),
-            "seconds": seconds,
-            "msgs_per_s": msgs_per_s,
-            "puback_msgs_per_s": p.acked / ack_seconds if ack_seconds > 0 else 0.0,
-            "p50_ms": r.p50_ms,
-            "p99_ms": r.p99_ms,
-            "lost": p.sent - p.refused - r.delivered,
-            "gateway_cpu_us_per_msg": self.gateway_cpu_s * 1e6 / r.delivered if r.delivered else None,
-            "gateway_cpu_pct": _pct(self.gateway_cpu_s, seconds),
-            "load_cpu_pct": _pct(load_cpu_s, seconds),
-            "other_cpu_pct": (
-                None
-                if self.cpus_busy_s is None
-                else _pct(self.cpus_busy_s - self.gateway_cpu_s - load_cpu_s, seconds)
-            ),
-            "socket_drops": self.socket_drops,
-            "reference_msgs_per_s": reference,
-            "ratio_to_reference": msgs_per_s / reference if reference else None,
-        }
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
+        cpu = cpu_figures(
+            "gateway", "msg", self.gateway_cpu_s, load_cpu_s, self.cpus_busy_s, seconds, r.delivered
+        )
+        return (
+            out
+            | cpu
+            | {
+                "published": asdict(p),
+                "received": asdict(r),
+                "seconds": seconds,
+                "msgs_per_s": msgs_per_s,
+                "puback_msgs_per_s": p.acked / ack_seconds if ack_seconds > 0 else 0.0,
+                "p50_ms": r.p50_ms,
+                "p99_ms": r.p99_ms,
+                "lost": p.sent - p.refused - r.delivered,
+                "socket_drops": self.socket_drops,
+                "reference_msgs_per_s": reference,
+                "ratio_to_reference": msgs_per_s / reference if reference else None,
+            }
+        )
 
 
 def _write_config(path: Path, tcp_port: int, udp_port: int, clients: int, disabled: list[str]) -> None:
     path.write_text(
-        f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
-        "[broker]\nmax_mqueue_len = 1000000\n\n"
-        f'[gateways.mqttsn]\nbind = "{HOST}:{udp_port}"\nadvertise_interval = 0\n'
-        f"max_clients = {max(clients, 10_000)}\n\n"
-        + "".join(f"[{name}]\nenabled = false\n\n" for name in disabled)
-        + '[log]\nlevel = "warning"\n'
+        mqgate_toml(
+            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
+            "[broker]\nmax_mqueue_len = 1000000\n\n"
+            f'[gateways.mqttsn]\nbind = "{HOST}:{udp_port}"\nadvertise_interval = 0\n'
+            f"max_clients = {max(clients, 10_000)}\n\n",
+            disabled,
+        )
     )
 
 
@@ -492,9 +383,8 @@ class Settings:
 
 def _run_cell(cell: Cell, settings: Settings, workdir: Path, pinning: Pinning, disabled: list[str]) -> None:
     """Runs ``cell`` on a fresh mqgate and fills it in; raises StartError if mqgate does not start."""
-    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if cell.clients + SPARE_FILES > open_files:
-        cell.error = f"{cell.clients:,} clients need as many sockets: the open files limit is {open_files:,}"
+    cell.error = sockets_error(cell.clients, "clients", SPARE_FILES)
+    if cell.error:
         return
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     config = workdir / f"mqgate-{cell.clients}x{cell.window}.toml"
@@ -506,9 +396,8 @@ def _run_cell(cell: Cell, settings: Settings, workdir: Path, pinning: Pinning, d
     sub = ctx.Process(
         target=_subscriber_main, args=(tcp_port, settings.count, pinning.load, expected, results), daemon=True
     )
-    argv = [sys.executable, "-m", "core.cli", "--config", str(config)]
     try:
-        with running(argv, log, tcp_port, pinning.broker) as proc:
+        with running(mqgate_argv(config), log, tcp_port, pinning.broker) as proc:
             _wait_gateway(udp_port, proc)
             sub.start()
             inbox = Inbox(results)
@@ -523,14 +412,9 @@ def _run_cell(cell: Cell, settings: Settings, workdir: Path, pinning: Pinning, d
         cell.error = str(exc) or repr(exc)
     finally:
         expected.value = max(expected.value, 0)  # a subscriber still waiting stops
-        if sub.pid is not None:
-            sub.join(5)
-            if sub.is_alive():
-                sub.kill()
-                sub.join(5)
+        reap(sub)
         results.close()
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        cell.log_lines, cell.log_tail = len(lines), tail("\n".join(lines), 10)
+        cell.log_lines, cell.log_tail = log_summary(log)
 
 
 def _publish(cell: Cell, settings: Settings, udp_port: int, pid: int, cpus: set[int] | None) -> Published:
@@ -544,27 +428,18 @@ def _publish(cell: Cell, settings: Settings, udp_port: int, pid: int, cpus: set[
         cell.connect_s = time.monotonic() - t0
         cell.setup_resent = clients.setup_resent
         cell.rss_connected = rss_bytes(pid)
-        drops0 = socket_drops(udp_port)
-        cpu0, busy0 = cpu_seconds(pid), busy_seconds(cpus) if cpus else None
+        meter = Meter([pid], cpus, udp_port)
         in_flight = cell.clients * cell.window
         cell.in_flight = min(in_flight, settings.max_in_flight or in_flight)
         cell.published = clients.publish(cell.window, cell.in_flight, settings.count, settings.seconds)
-        cell.gateway_cpu_s = cpu_seconds(pid) - cpu0
-        if busy0 is not None and cpus:
-            cell.cpus_busy_s = busy_seconds(cpus) - busy0
-        drops1 = socket_drops(udp_port)
-        if drops0 is not None and drops1 is not None:
-            cell.socket_drops = drops1 - drops0
+        usage = meter.usage()
+        (cell.gateway_cpu_s,), cell.cpus_busy_s, cell.socket_drops = usage.cpu_s, usage.busy_s, usage.drops
         return cell.published
     finally:
         clients.close()
 
 
 # ---------------------------------------------------------------- report
-
-
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
 
 
 _COLUMNS = (  # header, width
@@ -587,61 +462,48 @@ _COLUMNS = (  # header, width
 )
 
 
-def _line(cells: list[str]) -> str:
-    return "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS, strict=False))
-
-
 def _print_table(cells: list[Cell]) -> None:
     print()
     print(
         "reference, Eclipse Paho MQTT-SN gateway (C++) + mosquitto, 1 client, QoS 1, 16-byte payloads: "
         + ", ".join(f"{rate:,} msgs/s with window {w}" for w, rate in REFERENCE_MSGS_PER_S.items())
     )
-    print(_line([header for header, _ in _COLUMNS]))
-    flagged = False
+    rows, busy = [], BusyFlags()
     for cell in cells:
         f = cell.figures()
-        row = [f"{cell.clients:,}", str(cell.window), _fmt(cell.in_flight, ",d")]
+        row = [f"{cell.clients:,}", str(cell.window), fmt(cell.in_flight, ",d")]
         if "msgs_per_s" not in f:
-            print(_line(row) + f"  failed: {cell.error}")
+            rows.append([*row, f"failed: {cell.error}"])
             continue
         published: dict[str, Any] = f["published"]
-        busy = (f["other_cpu_pct"] or 0.0) > BUSY_OTHER_PCT
-        flagged |= busy
-        row += [
-            f"{f['msgs_per_s']:,.0f}",
-            f"{f['puback_msgs_per_s']:,.0f}",
-            _fmt(f["p50_ms"], ".2f"),
-            _fmt(f["p99_ms"], ".2f"),
-            f"{f['lost']:,}",
-            f"{published['resent']:,}",
-            _fmt(f["socket_drops"], ",d"),
-            _fmt(f["gateway_cpu_us_per_msg"], ".1f"),
-            _fmt(f["gateway_cpu_pct"], ".0f", "%"),
-            _fmt(f["load_cpu_pct"], ".0f", "%"),
-            _fmt(f["other_cpu_pct"], ".0f", "%") + ("!" if busy else ""),
-            _fmt(f["rss_per_client_bytes"], ",.0f"),
-            _fmt(f["ratio_to_reference"], ".2f"),
-        ]
-        print(_line(row) + (f"  {cell.error}" if cell.error else ""))
-    if flagged:
-        print(
-            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
-            "its msgs/s and latencies are not comparable, cpu us/msg suffers least"
+        rows.append(
+            [
+                *row,
+                f"{f['msgs_per_s']:,.0f}",
+                f"{f['puback_msgs_per_s']:,.0f}",
+                fmt(f["p50_ms"], ".2f"),
+                fmt(f["p99_ms"], ".2f"),
+                f"{f['lost']:,}",
+                f"{published['resent']:,}",
+                fmt(f["socket_drops"], ",d"),
+                fmt(f["gateway_cpu_us_per_msg"], ".1f"),
+                fmt(f["gateway_cpu_pct"], ".0f", "%"),
+                fmt(f["load_cpu_pct"], ".0f", "%"),
+                busy.cell(f["other_cpu_pct"]),
+                fmt(f["rss_per_client_bytes"], ",.0f"),
+                fmt(f["ratio_to_reference"], ".2f"),
+                *([cell.error] if cell.error else []),
+            ]
         )
+    print_table(_COLUMNS, rows)
+    busy.print_note("msgs/s", "cpu us/msg")
 
 
 # ---------------------------------------------------------------- main
 
 
-def _numbers(value: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in value.split(",") if n.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers (got {value!r})")
-    return numbers
+_numbers = positive_ints
+"""The name bench/edge.py imports it by."""
 
 
 def main() -> None:
@@ -652,10 +514,10 @@ def main() -> None:
         "--quick", action="store_true", help=f"{QUICK_COUNT:,} messages or {QUICK_RUN_S:.0f} s per cell"
     )
     parser.add_argument(
-        "--clients", type=_numbers, default=list(CLIENTS), help="comma-separated, default 1,100,10000"
+        "--clients", type=positive_ints, default=list(CLIENTS), help="comma-separated, default 1,100,10000"
     )
     parser.add_argument(
-        "--windows", type=_numbers, default=list(WINDOWS), help="comma-separated, default 1,8"
+        "--windows", type=positive_ints, default=list(WINDOWS), help="comma-separated, default 1,8"
     )
     parser.add_argument(
         "--max-in-flight",
@@ -668,17 +530,7 @@ def main() -> None:
     settings = Settings(
         QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, max(0, args.max_in_flight)
     )
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pinning = Pinning.split()
-    if pinning.load and pinning.broker:
-        os.sched_setaffinity(0, pinning.load)
-        print(f"load generator on cpu {sorted(pinning.load)}, mqgate on cpu {sorted(pinning.broker)}")
-    else:
-        print(
-            "one cpu only: mqgate and the load generator share it (figures are not comparable to 2-cpu runs)"
-        )
+    pinning = pin_load_generator("mqgate")
 
     cells = [Cell(n, w) for n in args.clients for w in args.windows]
     try:
@@ -697,7 +549,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
-                "cpus": {"load": sorted(pinning.load or ()), "mqgate": sorted(pinning.broker or ())},
+                "cpus": pinning.figures("mqgate"),
                 "count": settings.count,
                 "max_in_flight": settings.max_in_flight,
                 "reference_msgs_per_s": REFERENCE_MSGS_PER_S,

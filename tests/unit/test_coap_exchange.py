@@ -2,18 +2,17 @@
 on the embedded core broker.
 
 No sockets and no sleeps. The endpoint tests feed datagrams with explicit ``now`` floats and a seeded
-``random.Random``, so the retransmission times can be computed from the same seed. The gateway tests use a
-:class:`Harness` like ``test_mqttsn_gateway.py``'s: a core :class:`Broker`, an :class:`EmbeddedBroker` and a
-:class:`CoapGateway` on one :class:`FakeClock`; ``pump`` does what ``gateways/coap/adapter.py`` does (open
-the sessions the gateway asked for by driving the embedded broker's coroutines to completion, then collect
-the datagrams to send). Requests are built with the codec and responses decoded with it.
+``random.Random``, so the retransmission times can be computed from the same seed. The gateway tests use
+``tests/unit/harness.py``'s :class:`GatewayHarness` (shared with ``test_mqttsn_gateway.py``) with a
+:class:`CoapGateway`: ``pump`` does what ``gateways/coap/adapter.py`` does (open the sessions the gateway
+asked for by driving the embedded broker's coroutines to completion, then collect the datagrams to send).
+Requests are built with the codec and responses decoded with it.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Coroutine, Hashable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -23,7 +22,7 @@ from core.broker.embedded import EmbeddedBroker, EmbeddedSession
 from core.broker.session import Session
 from core.broker.types import AuthResult, ClientInfo, Credentials, Message, Subscription
 from core.clock import FakeClock
-from core.config import BrokerConfig, CoapConfig
+from core.config import CoapConfig
 from core.mqtt.codec import Properties
 from gateways.coap import codec
 from gateways.coap.codec import CoapMessage, decode, encode, encode_block, encode_uint
@@ -38,6 +37,7 @@ from gateways.coap.exchange import (
 )
 from gateways.coap.gateway import CoapGateway, SessionRequest
 from gateways.coap.numbers import Code, ContentFormat, OptionNumber, Timing, Type, code_name
+from tests.unit.harness import GatewayHarness, RecordingSink
 
 T = TypeVar("T")
 
@@ -554,46 +554,6 @@ def test_con_with_a_reserved_class_1_code_gets_a_rst(code: int) -> None:
 # === CoapGateway on the embedded broker
 
 
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (the embedded broker's) to completion, without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    coro.close()
-    raise AssertionError("the embedded broker suspended")
-
-
-@dataclass
-class Delivery:
-    message: Message
-    qos: int
-    packet_id: int
-    retain: bool
-
-
-@dataclass
-class RecordingSink:
-    """A DeliverySink that records what the broker delivers (an MQTT subscriber, or a bare session)."""
-
-    deliveries: list[Delivery] = field(default_factory=list)
-    kicked: list[int] = field(default_factory=list)
-
-    def deliver(
-        self, message: Message, qos: int, packet_id: int, dup: bool, retain: bool, sub_ids: tuple[int, ...]
-    ) -> None:
-        self.deliveries.append(Delivery(message, qos, packet_id, retain))
-
-    def deliver_pubrel(self, packet_id: int) -> None:
-        pass
-
-    def kick(self, reason_code: int) -> None:
-        self.kicked.append(reason_code)
-
-    def messages(self) -> list[tuple[str, bytes, int]]:
-        return [(d.message.topic, d.message.payload, d.qos) for d in self.deliveries]
-
-
 class RefusingBroker(EmbeddedBroker):
     """Refuses every client whose password is not ``good`` with ``reason_code``."""
 
@@ -654,13 +614,11 @@ def observe_option(value: int) -> tuple[int, bytes]:
     return (OBSERVE, encode_uint(value))
 
 
-class Harness:
+class Harness(GatewayHarness[SessionRequest, CoapMessage]):
     """A CoAP gateway on the embedded broker with a fake clock, pumped synchronously like the UDP adapter."""
 
     def __init__(self, broker_class: type[EmbeddedBroker] = EmbeddedBroker, **config: Any) -> None:
-        self.clock = FakeClock()
-        self.broker = Broker(BrokerConfig(), rng=random.Random(1))
-        self.embedded = broker_class(self.broker, self.clock)
+        super().__init__(broker_class)
         self.config = CoapConfig(**config)
         self.endpoint = CoapEndpoint(
             Timing(),
@@ -669,84 +627,42 @@ class Harness:
             max_dedup_bytes=self.config.max_dedup_bytes,
             exchange_lifetime=self.config.exchange_lifetime,
         )
-        self.gateway = CoapGateway(self.config, self.clock, self.endpoint)
-        self.outbox: list[tuple[Hashable, CoapMessage]] = []
+        self.gateway: CoapGateway = CoapGateway(self.config, self.clock, self.endpoint)
         self.raw: list[tuple[Hashable, bytes]] = []
-        self.watcher = RecordingSink()
         self._mid = 0x100
-        self.publisher = run_now(
-            self.embedded.open_session(
-                ClientInfo("mqtt-pub"),
-                clean_start=True,
-                expiry=0,
-                will=None,
-                sink=RecordingSink(),
-                max_inflight=16,
-            )
-        )
-        self._watch_session, _ = self.broker.open_session(
-            ClientInfo("mqtt-sub"),
-            clean_start=True,
-            expiry=0,
-            will=None,
-            sink=self.watcher,
-            max_inflight=65535,
-            now=self.clock.now(),
-        )
-
-    # --- the MQTT side
-
-    def watch(self, topic_filter: str = "#", qos: int = 2) -> RecordingSink:
-        code, _ = self.broker.subscribe(
-            self._watch_session, Subscription(topic_filter, qos), self.clock.now()
-        )
-        assert code == qos
-        return self.watcher
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        """Publish from an MQTT client; notifications are collected at once."""
-        assert self.publisher.publish(Message(topic, payload, qos, retain)) < 0x80
-        self.pump()
 
     def session(self, client_id: str) -> Session:
         return self.broker.sessions[client_id]
 
     # --- the adapter's job
 
-    def pump(self) -> None:
-        """What CoapUdpGateway does after every datagram: open sessions, then flush the datagrams."""
-        while True:
-            requests = self.gateway.take_session_requests()
-            for request in requests:
-                self._open_session(request)
-            for peer, data in self.gateway.datagrams_to_send():
-                self.raw.append((peer, data))
-                self.outbox.append((peer, decode(data)))
-            if not requests:
-                return
+    def _decode(self, data: bytes) -> CoapMessage:
+        return decode(data)
+
+    def _sent(self, peer: Hashable, data: bytes) -> None:
+        self.raw.append((peer, data))
+        super()._sent(peer, data)
 
     def _open_session(self, request: SessionRequest) -> None:
+        """What CoapUdpGateway does for a session request."""
         now = self.clock.now()
         client = ClientInfo(
             self.config.clientid_prefix + request.client_id, "coap", str(request.peer), request.username
         )
         credentials = Credentials(request.username, request.password.encode() if request.password else None)
-        auth = run_now(self.embedded.authenticate(client, credentials))
-        if not auth.allowed:
-            self.gateway.session_refused(request, auth.reason_code, now)
-            return
-        sink = request.client
-        session = run_now(
-            self.embedded.open_session(
-                client,
-                clean_start=True,
-                expiry=0,
-                will=None,
-                sink=sink,
-                max_inflight=self.config.max_inflight,
-            )
+        session = self.open_broker_session(
+            client,
+            credentials,
+            clean_start=True,
+            expiry=0,
+            will=None,
+            sink=request.client,
+            max_inflight=self.config.max_inflight,
         )
-        self.gateway.session_opened(request, session, now)
+        if isinstance(session, int):
+            self.gateway.session_refused(request, session, now)
+        else:
+            self.gateway.session_opened(request, session, now)
 
     # --- the device side
 
@@ -780,27 +696,6 @@ class Harness:
         else:
             assert response.mtype == NON
         return response
-
-    def take(self, peer: Hashable) -> list[CoapMessage]:
-        mine = [m for p, m in self.outbox if p == peer]
-        self.outbox = [(p, m) for p, m in self.outbox if p != peer]
-        return mine
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock, running the gateway's timers at each deadline on the way (as the adapter does)."""
-        target = self.clock.now() + seconds
-        for _ in range(10_000):
-            deadline = self.gateway.get_timer()
-            if deadline is None or deadline > target:
-                break
-            if deadline > self.clock.now():
-                self.clock.advance(deadline - self.clock.now())
-            self.gateway.handle_timer(self.clock.now())
-            self.pump()
-        else:
-            raise AssertionError("the gateway's timer does not move forward")
-        self.clock.advance(target - self.clock.now())
-        self.broker.handle_timeouts(self.clock.now())
 
     # --- common exchanges
 
@@ -837,7 +732,7 @@ def test_con_put_publishes_at_qos1_and_answers_2_04_piggybacked() -> None:
     watcher = h.watch()
     response = h.ask(A, req(PUT, "mqtt/sensors/t1", "c=dev1", token=b"p1", payload=b"21.5"))
     assert code_name(response.code) == "2.04"
-    assert watcher.messages() == [("sensors/t1", b"21.5", 1)]
+    assert watcher.messages_with_qos() == [("sensors/t1", b"21.5", 1)]
     assert not watcher.deliveries[0].message.retain
     assert h.session("dev1").client.protocol == "coap"
     assert h.gateway.counters["publishes"] == 1
@@ -848,7 +743,7 @@ def test_non_put_publishes_at_qos0_and_answers_with_a_non() -> None:
     watcher = h.watch()
     response = h.ask(A, req(PUT, "mqtt/sensors/t1", "c=dev1", mtype=NON, token=b"n", payload=b"v"))
     assert code_name(response.code) == "2.04"
-    assert watcher.messages() == [("sensors/t1", b"v", 0)]
+    assert watcher.messages_with_qos() == [("sensors/t1", b"v", 0)]
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -856,7 +751,7 @@ def test_qos_query_overrides_the_message_type(qos: int) -> None:
     h = Harness()
     watcher = h.watch()
     h.ask(A, req(POST, "mqtt/q", "c=dev1", f"qos={qos}", mtype=NON, payload=b"v"))
-    assert watcher.messages() == [("q", b"v", qos)]
+    assert watcher.messages_with_qos() == [("q", b"v", qos)]
 
 
 def test_retain_true_publishes_a_retained_message() -> None:
@@ -881,7 +776,7 @@ def test_ps_post_publishes_and_ps_put_is_method_not_allowed() -> None:
     h = Harness()
     watcher = h.watch()
     assert code_name(h.ask(A, req(POST, "ps/a/b", "clientid=dev1", payload=b"x")).code) == "2.04"
-    assert watcher.messages() == [("a/b", b"x", 1)]
+    assert watcher.messages_with_qos() == [("a/b", b"x", 1)]
     assert code_name(h.ask(A, req(PUT, "ps/a/b", "clientid=dev1", payload=b"y")).code) == "4.05"
     assert len(watcher.deliveries) == 1
 
@@ -1191,7 +1086,7 @@ def test_block1_upload_is_reassembled_and_published_once() -> None:
         (1, True, 0),
         (2, False, 0),
     ]
-    assert watcher.messages() == [("up", body, 1)]
+    assert watcher.messages_with_qos() == [("up", body, 1)]
 
 
 def test_block1_out_of_order_is_4_08() -> None:
@@ -1247,7 +1142,7 @@ def test_connection_returns_a_token_that_publish_heartbeat_and_delete_require() 
     assert code_name(ok.code) == "2.04"
     bad = h.ask(A, req(POST, "ps/x", "clientid=cm", "token=wrong", payload=b"2"))
     assert code_name(bad.code) == "4.01"
-    assert watcher.messages() == [("x", b"1", 1)]
+    assert watcher.messages_with_qos() == [("x", b"1", 1)]
     assert code_name(h.ask(A, req(PUT, "mqtt/connection", "clientid=cm", f"token={token}")).code) == "2.04"
     assert code_name(h.ask(A, req(PUT, "mqtt/connection", "clientid=cm", "token=nope")).code) == "4.01"
     assert code_name(h.ask(A, req(GET, "mqtt/connection", "clientid=cm", f"token={token}")).code) == "4.05"
@@ -1437,7 +1332,7 @@ def test_acl_denied_publish_and_subscribe_are_4_03() -> None:
     denied = h.ask(A, req(GET, "mqtt/secret/#", "c=dev", token=b"o", options=[observe_option(0)]))
     assert code_name(denied.code) == "4.03"
     assert code_name(h.ask(A, req(PUT, "mqtt/open/a", "c=dev", payload=b"v")).code) == "2.04"
-    assert watcher.messages() == [("open/a", b"v", 1)]
+    assert watcher.messages_with_qos() == [("open/a", b"v", 1)]
     assert h.gateway.clients["dev"].observations == {}
 
 

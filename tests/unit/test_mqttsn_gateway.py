@@ -1,32 +1,28 @@
 """Pure tests of the MQTT-SN gateway: :class:`MqttSnGateway` and its channels on the embedded core broker.
 
-No sockets and no sleeps. :class:`Harness` wires a core :class:`Broker`, an :class:`EmbeddedBroker` and
-an :class:`MqttSnGateway` to one :class:`FakeClock`; its ``pump`` does what ``gateways/mqttsn/adapter.py``
-does after every datagram and timer (open the broker sessions channels asked for, collect the datagrams to
-send), driving the embedded broker's coroutines with ``send(None)`` since they never suspend. Timers run by
-advancing the fake clock and calling ``handle_timer`` at each ``get_timer`` deadline. Peers are plain tuples;
+No sockets and no sleeps. :class:`Harness` is ``tests/unit/harness.py``'s :class:`GatewayHarness` with an
+:class:`MqttSnGateway`: its ``pump`` does what ``gateways/mqttsn/adapter.py`` does after every datagram and
+timer (open the broker sessions channels asked for, collect the datagrams to send). Peers are plain tuples;
 the MQTT side is a broker session with a recording :class:`DeliverySink`.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Coroutine, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import pytest
 
-from core.broker.broker import Broker
-from core.broker.embedded import EmbeddedBroker, EmbeddedSession
-from core.broker.types import ClientInfo, Credentials, Message, Subscription, Will
-from core.clock import FakeClock
-from core.config import BrokerConfig, MqttSnConfig
+from core.broker.embedded import EmbeddedSession
+from core.broker.types import ClientInfo, Credentials, Subscription, Will
+from core.config import MqttSnConfig
 from gateways.mqttsn import codec
 from gateways.mqttsn.channel import ChannelState, MqttSnChannel
 from gateways.mqttsn.gateway import ForwardedPeer, MqttSnGateway
 from gateways.mqttsn.numbers import ReturnCode, TopicIdType
 from gateways.mqttsn.registry import TopicRegistry
+from tests.unit.harness import GatewayHarness, RecordingSink, run_now
 
 T = TypeVar("T")
 
@@ -35,112 +31,19 @@ B: Hashable = ("10.0.0.2", 5000)
 C: Hashable = ("10.0.0.3", 5000)
 
 
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (the embedded broker's) to completion, without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    coro.close()
-    raise AssertionError("the embedded broker suspended")
-
-
-@dataclass
-class Delivery:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-
-
-@dataclass
-class RecordingSink:
-    """A DeliverySink that records what the broker delivers (the MQTT subscriber, or a bare session)."""
-
-    deliveries: list[Delivery] = field(default_factory=list)
-    packet_ids: list[int] = field(default_factory=list)
-    pubrels: list[int] = field(default_factory=list)
-    kicked: list[int] = field(default_factory=list)
-
-    def deliver(
-        self, message: Message, qos: int, packet_id: int, dup: bool, retain: bool, sub_ids: tuple[int, ...]
-    ) -> None:
-        self.deliveries.append(Delivery(message.topic, message.payload, qos, retain, dup))
-        self.packet_ids.append(packet_id)
-
-    def deliver_pubrel(self, packet_id: int) -> None:
-        self.pubrels.append(packet_id)
-
-    def kick(self, reason_code: int) -> None:
-        self.kicked.append(reason_code)
-
-    def messages(self) -> list[tuple[str, bytes]]:
-        return [(d.topic, d.payload) for d in self.deliveries]
-
-
-class Harness:
-    """A gateway on the embedded broker with a fake clock, pumped synchronously like the UDP adapter."""
+class Harness(GatewayHarness[MqttSnChannel, codec.Message]):
+    """An MQTT-SN gateway on the embedded broker with a fake clock, pumped synchronously like the adapter."""
 
     def __init__(self, **config: Any) -> None:
-        self.clock = FakeClock()
-        self.broker = Broker(BrokerConfig(), rng=random.Random(1))
-        self.embedded = EmbeddedBroker(self.broker, self.clock)
+        super().__init__()
         self.config = MqttSnConfig(**{"advertise_interval": 0, **config})
-        self.gateway = MqttSnGateway(self.config, self.clock)
-        self.outbox: list[tuple[Hashable, codec.Message]] = []
-        self.watcher = RecordingSink()
-        self.publisher = run_now(
-            self.embedded.open_session(
-                ClientInfo("mqtt-pub"),
-                clean_start=True,
-                expiry=0,
-                will=None,
-                sink=RecordingSink(),
-                max_inflight=16,
-            )
-        )
-        session, _ = self.broker.open_session(
-            ClientInfo("mqtt-sub"),
-            clean_start=True,
-            expiry=0,
-            will=None,
-            sink=self.watcher,
-            max_inflight=65535,
-            now=self.clock.now(),
-        )
-        self._watch_session = session
+        self.gateway: MqttSnGateway = MqttSnGateway(self.config, self.clock)
 
-    # --- the MQTT side
-
-    def watch(self, topic_filter: str = "#", qos: int = 2) -> RecordingSink:
-        """Subscribe the recording MQTT subscriber (at QoS 2 it sees the QoS each message arrives at)."""
-        code, _ = self.broker.subscribe(
-            self._watch_session, Subscription(topic_filter, qos), self.clock.now()
-        )
-        assert code == qos
-        return self.watcher
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        """Publish from an MQTT client; deliveries reach the channels at once."""
-        assert self.publisher.publish(Message(topic, payload, qos, retain)) < 0x80
-        self.pump()
-
-    # --- the adapter's job
-
-    def pump(self) -> None:
-        """What MqttSnUdpGateway._flush and _open_session do, synchronously."""
-        gateway = self.gateway
-        while True:
-            requests = gateway.take_session_requests()
-            for channel in requests:
-                self._open_session(channel)
-            for peer, data in gateway.datagrams_to_send():
-                self.outbox.append((peer, codec.decode(data)))
-            if not requests:
-                return
+    def _decode(self, data: bytes) -> codec.Message:
+        return codec.decode(data)
 
     def _open_session(self, channel: MqttSnChannel) -> None:
+        """What MqttSnUdpGateway._open_session does."""
         config = self.config
         client = ClientInfo(
             config.clientid_prefix + channel.client_id, "mqttsn", str(channel.peer), config.username or None
@@ -148,21 +51,19 @@ class Harness:
         credentials = Credentials(
             config.username or None, config.password.encode() if config.password else None
         )
-        auth = run_now(self.embedded.authenticate(client, credentials))
-        if not auth.allowed:
-            channel.session_refused(auth.reason_code, self.clock.now())
-            return
-        session = run_now(
-            self.embedded.open_session(
-                client,
-                clean_start=channel.clean_session,
-                expiry=0 if channel.clean_session else config.session_expiry,
-                will=channel.will,
-                sink=channel,
-                max_inflight=config.max_inflight,
-            )
+        session = self.open_broker_session(
+            client,
+            credentials,
+            clean_start=channel.clean_session,
+            expiry=0 if channel.clean_session else config.session_expiry,
+            will=channel.will,
+            sink=channel,
+            max_inflight=config.max_inflight,
         )
-        channel.session_opened(session, self.clock.now())
+        if isinstance(session, int):
+            channel.session_refused(session, self.clock.now())
+        else:
+            channel.session_opened(session, self.clock.now())
 
     # --- the device side
 
@@ -172,28 +73,6 @@ class Harness:
         self.gateway.receive_datagram(data, peer, self.clock.now())
         self.pump()
         return self.take(peer)
-
-    def take(self, peer: Hashable) -> list[codec.Message]:
-        """The datagrams sent to ``peer`` since the last take, decoded; others stay in the outbox."""
-        mine = [m for p, m in self.outbox if p == peer]
-        self.outbox = [(p, m) for p, m in self.outbox if p != peer]
-        return mine
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock, running the gateway's timers at each deadline on the way (as the adapter does)."""
-        target = self.clock.now() + seconds
-        for _ in range(10_000):
-            deadline = self.gateway.get_timer()
-            if deadline is None or deadline > target:
-                break
-            if deadline > self.clock.now():
-                self.clock.advance(deadline - self.clock.now())
-            self.gateway.handle_timer(self.clock.now())
-            self.pump()
-        else:
-            raise AssertionError("the gateway's timer does not move forward")
-        self.clock.advance(target - self.clock.now())
-        self.broker.handle_timeouts(self.clock.now())
 
     def connect(
         self,
@@ -290,7 +169,14 @@ def test_keepalive_30_is_lost_after_45_seconds_not_at_44_and_the_will_is_publish
     assert watcher.deliveries == []
     h.advance(1)
     assert "k30" not in h.gateway.by_client
-    assert watcher.deliveries == [Delivery("will/k30", b"gone", 1, False, False)]
+    (will,) = watcher.deliveries
+    assert (will.topic, will.payload, will.qos, will.retain, will.dup) == (
+        "will/k30",
+        b"gone",
+        1,
+        False,
+        False,
+    )
     assert h.gateway.metrics.clients_lost == 1
     assert "k30" not in h.broker.sessions
 
