@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import MalformedPacket
+from gateways.coap.blockwise import Block2Download
 from gateways.coap.codec import CoapMessage, encode_uint
 from gateways.coap.numbers import Code, ContentFormat, OptionNumber
 from gateways.lwm2m.content import TypeLookup, decode_content, encode_content, value_from_json, value_to_json
@@ -67,6 +68,7 @@ class Command:
     request: CoapMessage
     accept: int | None = None
     answered: bool = False  # an observe's first response came: what follows are notifications
+    download: Block2Download | None = None  # a response coming in Block2 blocks (RFC 7959 §2.3)
 
     @property
     def req_path(self) -> str:
@@ -278,13 +280,12 @@ def content_of(command: Command, response: CoapMessage, types: TypeLookup) -> An
 
 
 def timeout_response(command: Command) -> bytes:
-    """What up/resp says when the device never answered (EMQX 5's coap_timeout)."""
-    data = {
-        "reqPath": command.req_path,
-        "code": "5.04",
-        "codeMsg": "timeout",
-        "error": "no answer from the device",
-    }
+    """What up/resp says when the device never answered (EMQX 5's coap_timeout), or stopped answering in the
+    middle of a block-wise response."""
+    error = "no answer from the device"
+    if command.download is not None:
+        error += f" to the request for block {command.download.blocks} of its response"
+    data = {"reqPath": command.req_path, "code": "5.04", "codeMsg": "timeout", "error": error}
     return _envelope(command.fields, command.msg_type, data)
 
 

@@ -642,14 +642,6 @@ def test_read_of_a_path_the_device_lacks_reports_not_found(
         assert "content" not in data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a read answered block-wise (Block2, RFC 7959) is cut at the first block: the gateway sends no "
-        "follow-up GET for block 1.. and publishes 2.05 with the first 1024 bytes as if they were the whole "
-        "value (gateways/lwm2m/gateway.py _on_response ignores Block2)"
-    ),
-)
 def test_read_of_a_value_larger_than_one_block_is_complete(
     mqgate: Any, devices: DeviceFactory, app: Application
 ) -> None:
@@ -658,6 +650,19 @@ def test_read_of_a_value_larger_than_one_block_is_complete(
     data = read(app, "dev-block", "/3/0/15")["data"]
     assert data["code"] == "2.05"
     assert data["content"] == [{"path": "/3/0/15", "value": "z" * 3000}]
+
+
+def test_read_of_a_block_wise_value_over_max_response_size_is_4_13(
+    start_broker: Callable[..., Any], devices: DeviceFactory, clients: Clients
+) -> None:
+    running = start_broker(gateways={"lwm2m": {"max_response_size": 2048}})
+    app = application(running, clients)
+    device, _ = register(running, devices, app, "dev-huge")
+    device.set_value((3, 0, 15), "z" * 3000)
+    data = read(app, "dev-huge", "/3/0/15")["data"]
+    assert (data["code"], data["codeMsg"]) == ("4.13", "request_entity_too_large")
+    assert "exceeds 2048 bytes" in data["error"]
+    assert counter(running, "responses_incomplete") == 1
 
 
 # --- signed integers of every width (EMQX #4499, #4989)
