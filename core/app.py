@@ -14,7 +14,7 @@ from core.bridge import Bridge
 from core.broker.broker import Broker
 from core.broker.embedded import EmbeddedBroker
 from core.clock import LoopClock
-from core.config import CoapConfig, Config, SerialLinkConfig, parse_bind
+from core.config import Config, SerialLinkConfig, parse_bind
 from core.errors import ConfigError
 from core.listeners.tcp import MqttTcpListener
 from gateways.base import Broker as GatewayBroker
@@ -107,11 +107,19 @@ class App:
 
                 await self._start(CoapUdpGateway(coap, gateway_broker), "gateways.coap.bind", coap.bind)
             if coap.dtls.enabled:
-                await self._start(_coap_dtls(coap, gateway_broker), "gateways.coap.dtls.bind", coap.dtls.bind)
+                from gateways.coap.dtls import CoapDtlsGateway
+
+                dtls = CoapDtlsGateway(coap, gateway_broker)
+                await self._start(dtls, "gateways.coap.dtls.bind", coap.dtls.bind)
             if lwm2m.enabled:
                 from gateways.lwm2m.adapter import LwM2mUdpGateway
 
                 await self._start(LwM2mUdpGateway(lwm2m, gateway_broker), "gateways.lwm2m.bind", lwm2m.bind)
+            if lwm2m.dtls.enabled:
+                from gateways.lwm2m.adapter import LwM2mDtlsGateway
+
+                lwm2m_dtls = LwM2mDtlsGateway(lwm2m, gateway_broker)
+                await self._start(lwm2m_dtls, "gateways.lwm2m.dtls.bind", lwm2m.dtls.bind)
             for link in self.config.hardware.serial:
                 await self._start_serial(link, gateway_broker)
             if self.config.api.enabled:
@@ -241,8 +249,10 @@ class App:
             new = CoapUdpGateway(coap, gateway_broker)
             await self._start(new, "gateways.coap.bind", coap.bind)
         elif name == "coap:dtls":
+            from gateways.coap.dtls import CoapDtlsGateway
+
             coap = self.config.gateways.coap
-            new = _coap_dtls(coap, gateway_broker)
+            new = CoapDtlsGateway(coap, gateway_broker)
             await self._start(new, "gateways.coap.dtls.bind", coap.dtls.bind)
         elif name == "lwm2m:udp":
             from gateways.lwm2m.adapter import LwM2mUdpGateway
@@ -250,6 +260,12 @@ class App:
             lwm2m = self.config.gateways.lwm2m
             new = LwM2mUdpGateway(lwm2m, gateway_broker)
             await self._start(new, "gateways.lwm2m.bind", lwm2m.bind)
+        elif name == "lwm2m:dtls":
+            from gateways.lwm2m.adapter import LwM2mDtlsGateway
+
+            lwm2m = self.config.gateways.lwm2m
+            new = LwM2mDtlsGateway(lwm2m, gateway_broker)
+            await self._start(new, "gateways.lwm2m.dtls.bind", lwm2m.dtls.bind)
         else:
             serial = self.config.hardware.serial
             links = [link for link in serial if f"mqttsn:serial:{link.device}" == name]
@@ -310,17 +326,6 @@ def _check_bridges(config: Config) -> None:
         if first is not None:
             raise ConfigError(f"bridges[{index}].name: {bridge.name!r} is already bridges[{first}]")
         seen[bridge.name] = index
-
-
-def _coap_dtls(config: CoapConfig, broker: GatewayBroker) -> Listener:
-    """The ``coaps://`` gateway; ConfigError when the DTLS binding (the ``dtls`` extra) is not installed."""
-    try:
-        from gateways.coap.dtls import CoapDtlsGateway
-    except ImportError as exc:
-        raise ConfigError(
-            f"gateways.coap.dtls.enabled: DTLSSocket is not installed (pip install 'mqgate[dtls]'): {exc}"
-        ) from None
-    return CoapDtlsGateway(config, broker)
 
 
 def _check_serial_devices(config: Config) -> None:

@@ -51,12 +51,14 @@ __all__ = [
     "CoapConfig",
     "CoapDtlsConfig",
     "Config",
+    "DtlsConfig",
     "GatewaysConfig",
     "HardwareConfig",
     "JwtConfig",
     "ListenersConfig",
     "LogConfig",
     "LwM2mConfig",
+    "LwM2mDtlsConfig",
     "MqttSnConfig",
     "RewriteRuleConfig",
     "SerialLinkConfig",
@@ -232,10 +234,15 @@ class BrokerConfig:
 
 @dataclass(slots=True, frozen=True)
 class LogConfig:
-    """Logging: the minimum level, plain text or JSON lines (DESIGN §4 item 11)."""
+    """Logging: the minimum level, plain text or JSON lines, to stderr or to a size-rotated file (DESIGN §4
+    item 11)."""
 
     level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
     format: str = field(default="text", metadata={"choices": ("text", "json")})
+    to: str = field(default="console", metadata={"choices": ("console", "file")})  # console: stderr
+    file: str = "mqgate.log"  # with to = "file"; rotated to mqgate.log.1 ... mqgate.log.<backups>
+    max_bytes: int = field(default=10 * 1024 * 1024, metadata={"min": 1024})  # rotate before exceeding
+    backups: int = field(default=5, metadata={"min": 1})  # rotated files kept
 
 
 def _check_api_keys(value: list[str], key: str) -> None:
@@ -297,15 +304,37 @@ class MqttSnConfig:
 
 
 @dataclass(slots=True, frozen=True)
-class CoapDtlsConfig:
-    """CoAP over DTLS 1.2 with pre-shared keys (``[gateways.coap.dtls]``, ``coaps://``, RFC 7252 §9.1.3.1;
-    IANA port 5684), through tinydtls (the ``DTLSSocket`` package)."""
+class DtlsConfig:
+    """DTLS 1.2 for a CoAP-based gateway (RFC 7252 §9.1; RFC 6347) through Mbed TLS: pre-shared keys (``psk``)
+    and/or X.509 certificates (``certfile``/``keyfile``; ``verify = "verify_peer"`` checks client certificates
+    against ``cacertfile``, ``fail_if_no_peer_cert`` refuses clients without one). A verified client
+    certificate is available to authentication (``auth.peer_cert_as_username``)."""
 
     enabled: bool = False
     bind: str = field(default="0.0.0.0:5684", metadata={"check": parse_bind})
     psk: dict[str, str] = field(default_factory=dict)  # PSK identity -> key, e.g. { "sensor-1" = "secret" }
+    certfile: str = ""  # PEM certificate chain of the server
+    keyfile: str = ""  # PEM key (EC or RSA); "" = the key is in certfile
+    key_password: str = ""
+    cacertfile: str = ""  # CAs that sign client certificates (required with verify_peer)
+    verify: str = field(default="verify_none", metadata={"choices": ("verify_none", "verify_peer")})
+    fail_if_no_peer_cert: bool = False  # with verify_peer: refuse a client without a certificate
     max_peers: int = field(default=10_000, metadata={"min": 1})  # DTLS peers; more new addresses are dropped
+    handshake_timeout: float = field(default=30.0, metadata={"min": 1.0})  # seconds; then the peer is dropped
     idle_timeout: float = field(default=300.0, metadata={"min": 1.0})  # seconds; a silent peer is dropped
+
+
+@dataclass(slots=True, frozen=True)
+class CoapDtlsConfig(DtlsConfig):
+    """CoAP over DTLS (``[gateways.coap.dtls]``, ``coaps://``; IANA port 5684)."""
+
+
+@dataclass(slots=True, frozen=True)
+class LwM2mDtlsConfig(DtlsConfig):
+    """LwM2M over DTLS (``[gateways.lwm2m.dtls]``) on port 5784, EMQX 4.3's ``lwm2m.bind.dtls`` (5684 is
+    CoAP's)."""
+
+    bind: str = field(default="0.0.0.0:5784", metadata={"check": parse_bind})
 
 
 @dataclass(slots=True, frozen=True)
@@ -352,6 +381,8 @@ class LwM2mConfig:
     exchange_lifetime: float = field(default=247.0, metadata={"min": 1.0})
     max_dedup_entries: int = field(default=100_000, metadata={"min": 1})
     max_dedup_bytes: int = field(default=16 * 1024 * 1024, metadata={"min": 1024})
+    max_response_size: int = field(default=1_048_576, metadata={"min": 1024})  # block-wise bodies; over: 4.13
+    dtls: LwM2mDtlsConfig = field(default_factory=LwM2mDtlsConfig)
 
 
 @dataclass(slots=True, frozen=True)
@@ -470,7 +501,7 @@ class JwtConfig:
     public_key: str = ""  # PEM file: RS*, PS*, ES*, EdDSA
     jwks_file: str = ""
     jwks_url: str = ""
-    jwks_refresh_interval: float = field(default=300.0, metadata={"min": 1.0})
+    jwks_refresh_interval: float = field(default=300.0, metadata={"min": 0.05})  # seconds
     algorithms: list[str] = field(default_factory=list)  # empty: every algorithm of the configured key kind
     leeway: float = field(default=0.0, metadata={"min": 0})  # seconds of clock skew allowed for exp/nbf
     verify_claims: dict[str, str] = field(default_factory=dict)  # e.g. { sub = "%u" }

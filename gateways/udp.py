@@ -7,7 +7,11 @@ import asyncio
 import logging
 import socket
 from collections.abc import Coroutine, Hashable
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    from core.trace import DatagramTrace
+    from gateways.base import Broker
 
 __all__ = ["DatagramCore", "UdpGatewayAdapter"]
 
@@ -42,10 +46,11 @@ class DatagramCore(Protocol):
 
 
 class UdpGatewayAdapter(asyncio.DatagramProtocol):
-    """Runs a :class:`DatagramCore` on one UDP socket. Subclasses open broker sessions in
-    :meth:`_start_work` (one task per session opening, none per message)."""
+    """Runs a :class:`DatagramCore` on one UDP socket. Subclasses set :attr:`broker` and open broker
+    sessions in :meth:`_start_work` (one task per session opening, none per message)."""
 
     name = "udp"
+    broker: Broker
 
     def __init__(self, core: DatagramCore, host: str, port: int) -> None:
         self.core = core
@@ -57,6 +62,7 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.packet_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
 
     @property
     def address(self) -> str:
@@ -72,8 +78,11 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         _grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.core.receive_datagram(data, addr, self.loop.time())
-        self.flush()
+        if self.packet_trace is None:
+            self.core.receive_datagram(data, addr, self.loop.time())
+        else:
+            self.packet_trace.receive(self.core.receive_datagram, data, addr, self.loop.time())
+        self.schedule_flush()  # once for every datagram read in this loop iteration: one broker commit
 
     def error_received(self, exc: Exception) -> None:
         log.info("%s socket error: %s", self.name, exc)
@@ -85,9 +94,14 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Send what the core queued, after the broker made the publishes it acknowledges durable."""
         self._flush_scheduled = False
+        self.broker.commit()
         transport = self.transport
+        trace = self.packet_trace
         for peer, data in self.core.datagrams_to_send():
+            if trace is not None:
+                trace.sent(peer, data)
             if transport is not None:
                 transport.sendto(data, cast(tuple[str, int], peer))
         self._start_work()

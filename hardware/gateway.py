@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Hashable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.clock import LoopClock
 from core.config import MqttSnConfig
 from gateways.base import Broker
-from gateways.mqttsn.adapter import open_channel_session, open_qos3_session
+from gateways.mqttsn.adapter import channel_peer, describe_mqttsn, open_channel_session, open_qos3_session
 from gateways.mqttsn.channel import MqttSnChannel
 from gateways.mqttsn.gateway import MqttSnGateway
 from hardware.link import Link, LinkAddress
+
+if TYPE_CHECKING:
+    from core.trace import DatagramTrace
 
 __all__ = ["LossReportingLink", "MqttSnLinkGateway"]
 
@@ -40,6 +43,8 @@ class LossReportingLink(Link, Protocol):
 class MqttSnLinkGateway:
     """Every MQTT-SN node reachable through one link becomes a broker session (``mqttsn:{link name}``)."""
 
+    trace_protocol = "mqttsn"
+
     def __init__(self, config: MqttSnConfig, broker: Broker, link: LossReportingLink) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
@@ -55,10 +60,17 @@ class MqttSnLinkGateway:
         self._timer_at: float | None = None
         self._advertiser: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.packet_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
 
     @property
     def address(self) -> str:
         return self.link.name
+
+    def trace_peer(self, client_id: str) -> Hashable | None:
+        return channel_peer(self.gateway, self.config, client_id)
+
+    def describe_datagram(self, data: bytes) -> str:
+        return describe_mqttsn(data)
 
     async def start(self) -> None:
         """Open the link (a device that is not there yet is retried by the link) and the QoS -1 session."""
@@ -88,7 +100,10 @@ class MqttSnLinkGateway:
     # --- link callbacks
 
     def _frame_received(self, address: LinkAddress, frame: bytes) -> None:
-        self.gateway.receive_datagram(frame, address, self.loop.time())
+        if self.packet_trace is None:
+            self.gateway.receive_datagram(frame, address, self.loop.time())
+        else:
+            self.packet_trace.receive(self.gateway.receive_datagram, frame, address, self.loop.time())
         self.flush()
 
     def _link_lost(self, reason: str) -> None:
@@ -111,8 +126,12 @@ class MqttSnLinkGateway:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self.broker.commit()  # what acknowledges publishes leaves after they are durable
         link = self.link
+        trace = self.packet_trace
         for peer, data in self.gateway.datagrams_to_send():
+            if trace is not None:
+                trace.sent(peer, data)
             link.send(str(peer), data)
         for channel in self.gateway.take_session_requests():
             self._spawn(self._open_session(channel))

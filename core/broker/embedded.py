@@ -9,6 +9,7 @@ from core.broker.broker import Broker
 from core.broker.session import Session
 from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
 from core.clock import Clock
+from core.logging import client_fields
 from core.mqtt.numbers import ReasonCode
 from core.topics import validate_topic
 
@@ -47,14 +48,20 @@ class EmbeddedSession:
         if access.checks_enabled:
             topic, allowed = access.check_publish(self._session.client, message.topic)
             if not allowed:
-                log.info("client %s may not publish to %s", self._session.client_id, message.topic)
+                log.info(
+                    "client %s may not publish to %s",
+                    self._session.client_id,
+                    message.topic,
+                    extra=client_fields(
+                        self._session.client_id, self._session.client.peer, self._session.client.protocol
+                    ),
+                )
                 return ReasonCode.NOT_AUTHORIZED
             if topic != message.topic:
                 if validate_topic(topic, self._broker.config.max_topic_levels) is not None:
                     return ReasonCode.TOPIC_NAME_INVALID
                 message.topic = topic
         message.sender = self._session.client_id
-        self._broker.metrics.messages_received += 1
         matched = self._broker.publish(message, self._clock.now())
         return 0 if matched else ReasonCode.NO_MATCHING_SUBSCRIBERS
 
@@ -97,7 +104,14 @@ class EmbeddedSession:
         if access.checks_enabled:  # reading a retained message is subscribing to its topic once
             topic, allowed = access.check_subscribe(self._session.client, topic)
             if not allowed:
-                log.info("client %s may not read %s", self._session.client_id, topic)
+                log.info(
+                    "client %s may not read %s",
+                    self._session.client_id,
+                    topic,
+                    extra=client_fields(
+                        self._session.client_id, self._session.client.peer, self._session.client.protocol
+                    ),
+                )
                 return None
         message = self._broker.retained.get(topic)
         if message is not None and message.expires_at is not None and message.expires_at <= self._clock.now():
@@ -131,9 +145,14 @@ class EmbeddedBroker:
         self.broker = broker
         self.clock = clock
 
+    def commit(self) -> None:
+        """Nothing to make durable: a publish is routed when it is accepted."""
+
     async def authenticate(self, client: ClientInfo, credentials: Credentials) -> AuthResult:
-        """The broker's authentication chain (``[auth]``), as for MQTT clients."""
-        return AuthResult(self.broker.access.authenticate(client, credentials))
+        """The broker's authentication chain (``[auth]``), as for MQTT clients (a DTLS client certificate
+        gives the user name or client id with ``peer_cert_as_username``/``peer_cert_as_clientid``)."""
+        access = self.broker.access
+        return AuthResult(access.authenticate(access.identify(client), credentials))
 
     async def open_session(
         self,
@@ -147,7 +166,7 @@ class EmbeddedBroker:
         credentials: Credentials | None = None,
     ) -> EmbeddedSession:
         session, present = self.broker.open_session(
-            client,
+            self.broker.access.identify(client),
             clean_start=clean_start,
             expiry=expiry,
             will=will,

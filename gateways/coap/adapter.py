@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import CoapConfig, parse_bind
+from core.errors import MalformedPacket
+from core.logging import client_fields, format_peer
 from gateways.base import Broker, SessionRefused
+from gateways.coap.codec import decode
 from gateways.coap.gateway import CoapGateway, SessionRequest
+from gateways.coap.numbers import Code, Type, code_name, is_request
 from gateways.udp import UdpGatewayAdapter
 
-__all__ = ["CoapUdpGateway"]
+__all__ = ["CoapUdpGateway", "describe_coap"]
 
 log = logging.getLogger("mqgate.coap")
 
@@ -21,6 +26,7 @@ class CoapUdpGateway(UdpGatewayAdapter):
     """``gateways.coap.bind``: CoAP clients publish, observe-subscribe and read through the broker."""
 
     name = "coap:udp"
+    trace_protocol = "coap"
 
     def __init__(self, config: CoapConfig, broker: Broker) -> None:
         self.gateway = CoapGateway(config, LoopClock(asyncio.get_running_loop()))
@@ -37,7 +43,11 @@ class CoapUdpGateway(UdpGatewayAdapter):
         gateway = self.gateway
         client_id = request.client_id
         client = ClientInfo(
-            self.config.clientid_prefix + client_id, "coap", _peer(request.peer), request.username
+            self.config.clientid_prefix + client_id,
+            "coap",
+            format_peer(request.peer),
+            request.username,
+            peer_cert=self.peer_certificate(request.peer),
         )
         credentials = Credentials(request.username, request.password.encode() if request.password else None)
         try:
@@ -58,17 +68,74 @@ class CoapUdpGateway(UdpGatewayAdapter):
         except SessionRefused as exc:
             gateway.session_refused(request, exc.reason_code, self.loop.time())
         except Exception:
-            log.exception("coap %s: opening the broker session failed", client_id)
+            log.exception(
+                "coap %s: opening the broker session failed",
+                client_id,
+                extra=client_fields(client_id, request.peer, "coap"),
+            )
             gateway.session_refused(request, 0x88, self.loop.time())
         finally:
             self.flush()
+
+    def trace_peer(self, client_id: str) -> Hashable | None:
+        """The peer of the client of broker client id ``client_id``; None over DTLS, whose datagrams are
+        ciphertext (the socket's core is then not the CoAP gateway itself)."""
+        prefix = self.config.clientid_prefix
+        if self.core is not self.gateway or not client_id.startswith(prefix):
+            return None
+        client = self.gateway.clients.get(client_id[len(prefix) :])
+        return None if client is None else client.peer
+
+    def describe_datagram(self, data: bytes) -> str:
+        return describe_coap(data)
+
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
+        return None
 
     async def stop(self) -> None:
         await super().stop()
         self.gateway.shutdown()
 
 
-def _peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+def describe_coap(data: bytes) -> str:
+    """``TYPE METHOD-or-code mid= token= uri= ...`` of a CoAP message (RFC 7252 §3), for traces; the
+    password query argument (``password=``, ``p=``) is masked."""
+    try:
+        message = decode(data)
+        path = message.uri_path()
+        query = [_masked(argument) for argument in message.uri_query()]
+        observe, block1, block2 = message.observe(), message.block1(), message.block2()
+    except MalformedPacket as exc:
+        return f"MALFORMED {exc}"
+    parts = [
+        Type(message.mtype).name,
+        _code_text(message.code),
+        f"mid={message.mid}",
+        f"token={message.token.hex()}",
+    ]
+    if path or query:
+        parts.append("uri=/" + "/".join(path) + ("?" + "&".join(query) if query else ""))
+    if observe is not None:
+        parts.append(f"observe={observe}")
+    for name, block in (("block1", block1), ("block2", block2)):
+        if block is not None:
+            parts.append(f"{name}={block.num}/{int(block.more)}/{block.size}")
+    if message.payload:
+        parts.append(f"payload_size={len(message.payload)}")
+    return " ".join(parts)
+
+
+def _code_text(code: int) -> str:
+    """A method by its name (``POST``), an empty message as ``EMPTY``, a response as ``c.dd``."""
+    if code == 0 or is_request(code):
+        try:
+            return Code(code).name
+        except ValueError:
+            return code_name(code)
+    return code_name(code)
+
+
+def _masked(argument: str) -> str:
+    key, sep, _ = argument.partition("=")
+    return f"{key}=***" if sep and key in ("password", "p") else argument

@@ -28,6 +28,7 @@ from core.broker.types import Message, Subscription
 from core.clock import Clock
 from core.config import CoapConfig
 from core.errors import MalformedPacket
+from core.logging import client_fields
 from core.mqtt.codec import EMPTY_PROPERTIES, Properties
 from core.topics import filter_matches, validate_filter, validate_topic
 from gateways.base import SessionHandle
@@ -223,6 +224,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
                 _method(msg.code),
                 codec_name(exc.code),
                 exc.text,
+                extra=client_fields(None, request.peer, "coap"),
             )
             self._reply(request, exc.code, exc.text.encode())
         except MalformedPacket as exc:
@@ -335,7 +337,15 @@ class CoapGateway(CoapApplication[SessionRequest]):
             return
         del self.clients[client_id]
         code = Code.UNAUTHORIZED if reason_code in (0x86, 0x87, 0x8C) else Code.SERVICE_UNAVAILABLE
-        log.info("coap %s (%s) refused by the broker: reason 0x%02x", client_id, client.peer, reason_code)
+        if reason_code == 0x8A:  # banned: too many failures from the address; Max-Age defaults to 60 s
+            code = Code.TOO_MANY_REQUESTS  # RFC 8516 §3-§4
+        log.info(
+            "coap %s (%s) refused by the broker: reason 0x%02x",
+            client_id,
+            client.peer,
+            reason_code,
+            extra=client_fields(client_id, client.peer, "coap"),
+        )
         waiting, client.waiting = client.waiting, []
         for waiter in waiting:
             self._reply(
@@ -600,6 +610,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
                     "coap %s: observation of %s cancelled by the client",
                     client.client_id,
                     observation.topic_filter,
+                    extra=client_fields(client.client_id, client.peer, "coap"),
                 )
                 if session is not None and not any(
                     o.topic_filter == observation.topic_filter for o in client.observations.values()
@@ -618,6 +629,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             client.client_id,
             client.peer,
             why,
+            extra=client_fields(client.client_id, client.peer, "coap"),
         )
         for observation in client.observations.values():
             final = CoapMessage(0, int(Code.CONFLICT), 0, observation.token, [], why.encode())

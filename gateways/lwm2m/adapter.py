@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import LwM2mConfig, parse_bind
+from core.logging import client_fields, format_peer
 from gateways.base import Broker, SessionRefused
+from gateways.coap.adapter import describe_coap
+from gateways.coap.dtls import DtlsDatagramCore
 from gateways.lwm2m.gateway import LwM2mGateway, SessionRequest
 from gateways.lwm2m.objects import ObjectRegistry
 from gateways.udp import UdpGatewayAdapter
 
-__all__ = ["LwM2mUdpGateway"]
+__all__ = ["LwM2mDtlsGateway", "LwM2mUdpGateway"]
 
 log = logging.getLogger("mqgate.lwm2m")
 
@@ -22,6 +26,7 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
     """``gateways.lwm2m.bind``: LwM2M devices register here and are managed through MQTT."""
 
     name = "lwm2m:udp"
+    trace_protocol = "lwm2m"
 
     def __init__(self, config: LwM2mConfig, broker: Broker) -> None:
         registry = ObjectRegistry.default()
@@ -40,10 +45,12 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
 
     async def _open_session(self, request: SessionRequest) -> None:
         device = request.device
-        peer = device.peer
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         client = ClientInfo(
-            self.config.clientid_prefix + device.endpoint, "lwm2m", peer_text, device.endpoint
+            self.config.clientid_prefix + device.endpoint,
+            "lwm2m",
+            format_peer(device.peer),
+            device.endpoint,
+            peer_cert=self.peer_certificate(device.peer),
         )
         try:
             credentials = Credentials(device.endpoint, None)
@@ -64,11 +71,46 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
         except SessionRefused as exc:
             self.gateway.session_refused(device, exc.reason_code, self.loop.time())
         except Exception:
-            log.exception("lwm2m %s: opening the broker session failed", device.endpoint)
+            log.exception(
+                "lwm2m %s: opening the broker session failed",
+                device.endpoint,
+                extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+            )
             self.gateway.session_refused(device, 0x88, self.loop.time())
         finally:
             self.flush()
 
+    def trace_peer(self, client_id: str) -> Hashable | None:
+        """The peer of the device of broker client id ``client_id`` (its endpoint name, prefixed)."""
+        prefix = self.config.clientid_prefix
+        if self.core is not self.gateway or not client_id.startswith(prefix):
+            return None
+        device = self.gateway.devices.get(client_id[len(prefix) :])
+        return None if device is None else device.peer
+
+    def describe_datagram(self, data: bytes) -> str:
+        return describe_coap(data)
+
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
+        return None
+
     async def stop(self) -> None:
         await super().stop()
         self.gateway.shutdown()
+
+
+class LwM2mDtlsGateway(LwM2mUdpGateway):
+    """``gateways.lwm2m.dtls``: the LwM2M gateway on a DTLS socket (LwM2M 1.1 transport §5.2, PSK and
+    certificate modes)."""
+
+    name = "lwm2m:dtls"
+
+    def __init__(self, config: LwM2mConfig, broker: Broker) -> None:
+        super().__init__(config, broker)
+        self.host, self.port = parse_bind(config.dtls.bind, "gateways.lwm2m.dtls.bind")
+        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.lwm2m.dtls", log)
+        self.core = self.dtls
+
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        return self.dtls.peer_certificate(peer)

@@ -23,9 +23,11 @@ from core.broker.types import Message, Subscription
 from core.clock import Clock
 from core.config import LwM2mConfig
 from core.errors import MalformedPacket
+from core.logging import client_fields
 from core.topics import validate_topic
 from gateways.base import SessionHandle
 from gateways.coap.application import CoapApplication
+from gateways.coap.blockwise import Block2Download, BlockwiseError
 from gateways.coap.codec import CoapMessage
 from gateways.coap.exchange import (
     Acknowledged,
@@ -55,6 +57,7 @@ log = logging.getLogger("mqgate.lwm2m")
 
 POST, DELETE = int(Code.POST), int(Code.DELETE)
 _LOCATION_PATH = int(OptionNumber.LOCATION_PATH)
+_BLOCK2 = int(OptionNumber.BLOCK2)
 _SWEEP_SECONDS = 1.0
 _SKIPPED_BY_ALL = frozenset({0, 1, 2})  # security, server and access control are not observed by "all"
 
@@ -184,11 +187,19 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
                 raise _Reject(Code.NOT_FOUND, "unknown resource")
         except _Reject as exc:
             self.count("registrations_refused")
-            log.info("lwm2m %s: %s refused: %s", request.peer, _describe(msg), exc.text)
+            log.info(
+                "lwm2m %s: %s refused: %s",
+                request.peer,
+                _describe(msg),
+                exc.text,
+                extra=client_fields(None, request.peer, "lwm2m"),
+            )
             self._reply(request, exc.code, exc.text.encode())
         except MalformedPacket as exc:
             self.count("registrations_refused")
-            log.info("lwm2m %s: refused: %s", request.peer, exc)
+            log.info(
+                "lwm2m %s: refused: %s", request.peer, exc, extra=client_fields(None, request.peer, "lwm2m")
+            )
             self._reply(request, exc.code, str(exc).encode())
 
     def _reply(
@@ -225,7 +236,12 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         device.session = session
         codes = session.subscribe([Subscription(device.topic(self.config.topic_command), 0)])
         if codes[0] >= 0x80:
-            log.info("lwm2m %s may not subscribe to its command topic: 0x%02x", device.endpoint, codes[0])
+            log.info(
+                "lwm2m %s may not subscribe to its command topic: 0x%02x",
+                device.endpoint,
+                codes[0],
+                extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+            )
         request, device.register_request = device.register_request, None
         if request is not None:
             location = [(_LOCATION_PATH, b"rd"), (_LOCATION_PATH, device.location.encode())]
@@ -237,6 +253,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
             device.peer,
             device.info.lifetime,
             device.info.binding,
+            extra=client_fields(device.endpoint, device.peer, "lwm2m"),
         )
         self._publish(device, self.config.topic_register, self._event_json("register", device))
         self._auto_observe(device, now)
@@ -244,9 +261,16 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
     def session_refused(self, device: Device, reason_code: int, now: float) -> None:
         request, device.register_request = device.register_request, None
         self._forget(device)
-        log.info("lwm2m %s refused by the broker: reason 0x%02x", device.endpoint, reason_code)
+        log.info(
+            "lwm2m %s refused by the broker: reason 0x%02x",
+            device.endpoint,
+            reason_code,
+            extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+        )
         if request is not None:
             code = Code.FORBIDDEN if reason_code in (0x86, 0x87, 0x8C) else Code.SERVICE_UNAVAILABLE
+            if reason_code == 0x8A:  # banned: too many failures from the address (RFC 8516 §3)
+                code = Code.TOO_MANY_REQUESTS
             self._reply(request, code, b"registration refused")
 
     def _update(self, device: Device, request: RequestReceived, now: float) -> None:
@@ -302,7 +326,9 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         if publish and device.session is not None:
             payload = json.dumps({"msgType": event, "data": {"ep": device.endpoint}}, separators=(",", ":"))
             self._publish(device, self.config.topic_register, payload.encode())
-        log.info("lwm2m %s: %s", device.endpoint, why)
+        log.info(
+            "lwm2m %s: %s", device.endpoint, why, extra=client_fields(device.endpoint, device.peer, "lwm2m")
+        )
         for token in list(device.observations):
             self.endpoint.cancel(device.peer, token)
         for command, _ in device.queued:
@@ -329,7 +355,13 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         code = session.publish(Message(device.topic(suffix), payload, self.config.qos, False))
         if code >= 0x80:
             self.count("uplinks_refused")
-            log.info("lwm2m %s: publish to %s refused: 0x%02x", device.endpoint, suffix, code)
+            log.info(
+                "lwm2m %s: publish to %s refused: 0x%02x",
+                device.endpoint,
+                suffix,
+                code,
+                extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+            )
 
     def on_command(self, device: Device, payload: bytes) -> None:
         """A command from ``{mountpoint}dn``: send it now, or queue it while the device sleeps."""
@@ -345,7 +377,12 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
             )
         except CommandError as exc:
             self.count("commands_invalid")
-            log.info("lwm2m %s: invalid command: %s", device.endpoint, exc)
+            log.info(
+                "lwm2m %s: invalid command: %s",
+                device.endpoint,
+                exc,
+                extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+            )
             self._publish(device, self.config.topic_response, error_response(payload, str(exc)))
             return
         self.count("commands")
@@ -396,6 +433,11 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
             self.count("notifications")
             self._publish(device, self.config.topic_notify, notify_message(command, response, self.types))
             return
+        if command.msg_type != "observe" and response.code == int(Code.CONTENT):
+            whole = self._whole_response(device, command, response, now)
+            if whole is None:
+                return
+            response = whole
         command.answered = True
         if command.msg_type == "observe" and (
             response.code != int(Code.CONTENT) or response.observe() is None
@@ -405,6 +447,40 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         self.count("responses")
         self._publish(device, self.config.topic_response, response_for(command, response, self.types))
 
+    def _whole_response(
+        self, device: Device, command: Command, response: CoapMessage, now: float
+    ) -> CoapMessage | None:
+        """``response`` with its whole body: while it comes in Block2 blocks, asks the device for the next
+        one (RFC 7959 §2.3, §2.4), up to ``max_response_size`` bytes. None while a block is outstanding, or
+        once a broken transfer was answered on up/resp with its error (4.08 out of sequence, 4.13 too large).
+        """
+        download = command.download
+        if download is None:
+            if response.option(_BLOCK2) is None:
+                return response
+            download = command.download = Block2Download(self.config.max_response_size)
+        try:
+            following = download.add(response)
+        except BlockwiseError as exc:
+            self.count("responses_incomplete")
+            log.info(
+                "lwm2m %s: %s %s: %s",
+                device.endpoint,
+                command.msg_type,
+                command.req_path,
+                exc.text,
+                extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+            )
+            failed = CoapMessage(0, int(exc.code), 0, b"", [], exc.text.encode())
+            self._publish(device, self.config.topic_response, response_for(command, failed, self.types))
+            return None
+        if following is None:
+            return download.whole(response)
+        request = download.next_request(command.request, following)
+        request.token = secrets.token_bytes(4)
+        self.endpoint.request(device.peer, request, (device, command), now)
+        return None
+
     def _on_gave_up(self, event: GaveUp) -> None:
         context = event.context
         if not isinstance(context, tuple):
@@ -413,7 +489,13 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         assert isinstance(device, Device) and isinstance(command, Command)
         device.observations.pop(command.request.token, None)
         self.count("commands_timed_out")
-        log.info("lwm2m %s: no answer to %s %s", device.endpoint, command.msg_type, command.req_path)
+        log.info(
+            "lwm2m %s: no answer to %s %s",
+            device.endpoint,
+            command.msg_type,
+            command.req_path,
+            extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+        )
         self._publish(device, self.config.topic_response, timeout_response(command))
 
     def _auto_observe(self, device: Device, now: float) -> None:

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
 from core.config import MqttSnConfig, parse_bind
+from core.errors import MalformedPacket
+from core.logging import client_fields, format_peer
+from core.trace import describe_fields
 from gateways.base import Broker, SessionHandle, SessionRefused
 from gateways.mqttsn.channel import MqttSnChannel
+from gateways.mqttsn.codec import Encapsulated, decode
 from gateways.mqttsn.gateway import MqttSnGateway
 from gateways.udp import UdpGatewayAdapter
 
-__all__ = ["MqttSnUdpGateway", "open_channel_session", "open_qos3_session"]
+__all__ = [
+    "MqttSnUdpGateway",
+    "channel_peer",
+    "describe_mqttsn",
+    "open_channel_session",
+    "open_qos3_session",
+]
 
 log = logging.getLogger("mqgate.mqttsn")
 
@@ -28,6 +38,7 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
     """``gateways.mqttsn.bind``: every MQTT-SN client on this socket becomes a broker session."""
 
     name = "mqttsn:udp"
+    trace_protocol = "mqttsn"
 
     def __init__(self, config: MqttSnConfig, broker: Broker) -> None:
         loop = asyncio.get_running_loop()
@@ -64,6 +75,12 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
             self.transport.sendto(self.gateway.advertise(), (host, port))
         self._advertiser = self.loop.call_later(self.config.advertise_interval, self._advertise)
 
+    def trace_peer(self, client_id: str) -> Hashable | None:
+        return channel_peer(self.gateway, self.config, client_id)
+
+    def describe_datagram(self, data: bytes) -> str:
+        return describe_mqttsn(data)
+
     async def stop(self) -> None:
         if self._advertiser is not None:
             self._advertiser.cancel()
@@ -71,6 +88,27 @@ class MqttSnUdpGateway(UdpGatewayAdapter):
         self.gateway.shutdown()
         if self.gateway.qos3_session is not None:
             self.gateway.qos3_session.close(publish_will=False)
+
+
+def channel_peer(gateway: MqttSnGateway, config: MqttSnConfig, client_id: str) -> Hashable | None:
+    """The peer of the client whose broker client id (``clientid_prefix`` included) is ``client_id``."""
+    prefix = config.clientid_prefix
+    if not client_id.startswith(prefix):
+        return None
+    channel = gateway.by_client.get(client_id[len(prefix) :])
+    return None if channel is None else channel.peer
+
+
+def describe_mqttsn(data: bytes) -> str:
+    """The message type and main fields of an MQTT-SN datagram (§5.4), for traces."""
+    try:
+        message = decode(data)
+    except MalformedPacket as exc:
+        return f"MALFORMED {exc}"
+    if isinstance(message, Encapsulated):  # §5.5
+        inner = describe_fields(message.message)
+        return f"ENCAPSULATED node_id={message.node_id.hex()} radius={message.radius} {inner}"
+    return describe_fields(message)
 
 
 async def open_channel_session(
@@ -81,7 +119,7 @@ async def open_channel_session(
     client = ClientInfo(
         config.clientid_prefix + channel.client_id,
         "mqttsn",
-        str(channel.peer),
+        format_peer(channel.peer),
         config.username or None,
         keepalive=channel.keepalive,
     )
@@ -104,7 +142,11 @@ async def open_channel_session(
     except SessionRefused as exc:
         channel.session_refused(exc.reason_code, now())
     except Exception:
-        log.exception("mqttsn %s: opening the broker session failed", channel.client_id)
+        log.exception(
+            "mqttsn %s: opening the broker session failed",
+            channel.client_id,
+            extra=client_fields(channel.client_id, channel.peer, "mqttsn"),
+        )
         channel.session_refused(0x88, now())
 
 
@@ -122,6 +164,7 @@ async def open_qos3_session(broker: Broker, client_id: str, address: str) -> Ses
             "mqttsn: the QoS -1 session %s was refused (reason 0x%02x): QoS -1 is off",
             client_id,
             exc.reason_code,
+            extra=client_fields(client_id, address, "mqttsn"),
         )
         return None
 

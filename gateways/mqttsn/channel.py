@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from core.broker.types import Message, Subscription, Will
 from core.errors import MalformedPacket
+from core.logging import client_fields
 from core.topics import validate_filter, validate_topic
 from gateways.base import SessionHandle
 from gateways.mqttsn import codec
@@ -35,7 +36,7 @@ __all__ = ["ChannelState", "Gateway", "MqttSnChannel"]
 log = logging.getLogger("mqgate.mqttsn")
 
 _REJECTED = ReturnCode.NOT_SUPPORTED
-_CONGESTION_CODES = (0x97, 0x89, 0x88)  # quota exceeded, server busy, server unavailable
+_CONGESTION_CODES = (0x97, 0x89, 0x88, 0x8A)  # quota exceeded, server busy, unavailable, banned: retry later
 
 
 class ChannelState(Enum):
@@ -158,6 +159,7 @@ class MqttSnChannel:
             type(message).__name__.upper(),
             self.state.value,
             why,
+            extra=client_fields(self.client_id, self.peer, "mqttsn"),
         )
 
     @property
@@ -173,6 +175,7 @@ class MqttSnChannel:
                 self.peer,
                 m.protocol_id,
                 m.client_id,
+                extra=client_fields(m.client_id, self.peer, "mqttsn"),
             )
             self.gateway.count("connect_refused")
             self.gateway.send(self.peer, codec.Connack(_REJECTED))
@@ -246,13 +249,24 @@ class MqttSnChannel:
         self._resume_active(now, resume=False)  # attaching already resent and drained
         for item in held:
             self.deliver(item.message, item.qos, item.packet_id, item.dup, item.retain, ())
-        log.debug("mqttsn %s (%s) connected, keepalive %d s", self.client_id, self.peer, self.keepalive)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "mqttsn %s (%s) connected, keepalive %d s",
+                self.client_id,
+                self.peer,
+                self.keepalive,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            )
 
     def session_refused(self, reason_code: int, now: float) -> None:
         self._held = None
         if self.state is ChannelState.CONNECTING:
             log.info(
-                "mqttsn %s (%s) refused by the broker: reason 0x%02x", self.client_id, self.peer, reason_code
+                "mqttsn %s (%s) refused by the broker: reason 0x%02x",
+                self.client_id,
+                self.peer,
+                reason_code,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
             )
             self.state = ChannelState.DISCONNECTED
             self.gateway.send(
@@ -324,7 +338,12 @@ class MqttSnChannel:
         if code >= 0x80:
             rc = ReturnCode.CONGESTION if code in _CONGESTION_CODES else _REJECTED
             log.info(
-                "mqttsn %s (%s) publish to %s refused: reason 0x%02x", self.client_id, self.peer, topic, code
+                "mqttsn %s (%s) publish to %s refused: reason 0x%02x",
+                self.client_id,
+                self.peer,
+                topic,
+                code,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
             )
             self.gateway.send(self.peer, codec.Puback(m.topic_id, m.msg_id, rc))
             return
@@ -376,7 +395,11 @@ class MqttSnChannel:
         if m.return_code != ReturnCode.ACCEPTED:
             self.registry.forget(registration.topic_id)
             log.info(
-                "mqttsn %s refused REGISTER of %s: rc %d", self.client_id, registration.name, m.return_code
+                "mqttsn %s refused REGISTER of %s: rc %d",
+                self.client_id,
+                registration.name,
+                m.return_code,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
             )
             self._drop_pending_for(registration.name)
         self._flush_pending(now)
@@ -419,7 +442,11 @@ class MqttSnChannel:
             held, self._held = self._held, None
         if granted >= 0x80:
             log.info(
-                "mqttsn %s subscription to %s refused: reason 0x%02x", self.client_id, topic_filter, granted
+                "mqttsn %s subscription to %s refused: reason 0x%02x",
+                self.client_id,
+                topic_filter,
+                granted,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
             )
             self.gateway.send(self.peer, codec.Suback(0, m.msg_id, _REJECTED, qos))
         else:
@@ -486,9 +513,20 @@ class MqttSnChannel:
             self.sleep_until = now + self._sleep_span
             session.park()
             self.gateway.schedule(self, self.sleep_until)
-            log.debug("mqttsn %s asleep for %d s", self.client_id, m.duration)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "mqttsn %s asleep for %d s",
+                    self.client_id,
+                    m.duration,
+                    extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                )
             return
-        log.debug("mqttsn %s disconnected", self.client_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "mqttsn %s disconnected",
+                self.client_id,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            )
         self._end(now, publish_will=False)
 
     def _sleep_tolerance(self, duration: int) -> float:
@@ -668,7 +706,11 @@ class MqttSnChannel:
     def kick(self, reason_code: int) -> None:
         """The broker ended the session's connection (another client took the client id over)."""
         log.info(
-            "mqttsn %s (%s) disconnected by the broker: reason 0x%02x", self.client_id, self.peer, reason_code
+            "mqttsn %s (%s) disconnected by the broker: reason 0x%02x",
+            self.client_id,
+            self.peer,
+            reason_code,
+            extra=client_fields(self.client_id, self.peer, "mqttsn"),
         )
         self.session = None
         self.gateway.send(self.peer, codec.Disconnect())
@@ -710,7 +752,12 @@ class MqttSnChannel:
         if state in (ChannelState.AWAITING_WILL_TOPIC, ChannelState.AWAITING_WILL_MESSAGE):
             deadline = self._handshake_started + config.idle_timeout
             if now >= deadline:
-                log.info("mqttsn %s (%s): will handshake not finished, dropped", self.client_id, self.peer)
+                log.info(
+                    "mqttsn %s (%s): will handshake not finished, dropped",
+                    self.client_id,
+                    self.peer,
+                    extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                )
                 self.state = ChannelState.DISCONNECTED
                 session, self.session = self.session, None  # a connected client that re-sent CONNECT
                 self._reset_deliveries()
@@ -772,7 +819,13 @@ class MqttSnChannel:
 
     def _lose(self, now: float, why: str) -> None:
         """The client is lost (§6.14): its will is published whatever its clean-session flag."""
-        log.info("mqttsn %s (%s) lost: %s", self.client_id, self.peer, why)
+        log.info(
+            "mqttsn %s (%s) lost: %s",
+            self.client_id,
+            self.peer,
+            why,
+            extra=client_fields(self.client_id, self.peer, "mqttsn"),
+        )
         self.gateway.count("clients_lost")
         self._end(now, publish_will=True)
 
@@ -811,7 +864,13 @@ class MqttSnChannel:
         """Another address connects with this client id while it is active: the old link is lost (its will
         is published); the gateway then binds the channel to the new address."""
         if self.state in (ChannelState.ACTIVE, ChannelState.AWAKE):
-            log.info("mqttsn %s: taken over from %s by %s", self.client_id, self.peer, new_peer)
+            log.info(
+                "mqttsn %s: taken over from %s by %s",
+                self.client_id,
+                self.peer,
+                new_peer,
+                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            )
             self.gateway.count("clients_lost")
             session, self.session = self.session, None
             self._reset_deliveries()

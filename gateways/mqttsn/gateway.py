@@ -186,7 +186,9 @@ class MqttSnGateway:
             owner = self.by_client.get(message.client_id) if message.client_id else channel
             if owner is None:
                 self.metrics.unknown_peer += 1
-                self._bad_input.warning(peer, "PINGREQ from an unknown client %r", message.client_id)
+                self._bad_input.warning(
+                    peer, "PINGREQ from an unknown client %r", message.client_id, clientid=message.client_id
+                )
                 return
             if owner.peer != peer:
                 self._rebind(owner, peer)
@@ -215,7 +217,12 @@ class MqttSnGateway:
         if owner is None:
             if len(self.by_client) >= self.config.max_clients:
                 self.metrics.too_many_clients += 1
-                self._bad_input.warning(peer, "refused CONNECT of %r: max_clients reached", message.client_id)
+                self._bad_input.warning(
+                    peer,
+                    "refused CONNECT of %r: max_clients reached",
+                    message.client_id,
+                    clientid=message.client_id,
+                )
                 self.send(peer, codec.Connack(0x01))
                 return
             owner = MqttSnChannel(self, peer, message.client_id, now)
