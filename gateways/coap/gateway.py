@@ -10,6 +10,11 @@ Two URL styles, so that devices written for EMQX 4.3 and 5.x both work unchanged
   (2.01); PUT on it is a heartbeat, DELETE closes it; ``/ps/{topic}?clientid=&token=`` publishes (POST) and
   observe-subscribes (GET). Short aliases c, t, u, p, q, r are accepted everywhere.
 
+Notifications of one observation go out one confirmable at a time (RFC 7252 §4.7, RFC 7641 §4.5.1): while
+a CON notification awaits its ACK, newer ones wait; a waiting QoS 0 message is replaced by the next one
+(RFC 7641 §4.5.2: only the latest state matters), QoS 1/2 messages wait in order, bounded by the session's
+inflight window, because their delivery is acknowledged to the broker once every observation has had it.
+
 One client id is one session: a request for a client id held by another peer, or a broker-level takeover by
 any client with that id, ends the old peer's observations with a final 4.09 notification (RFC 7641 §3.2).
 Sessions are opened asynchronously by the adapter (:meth:`CoapGateway.take_session_requests`); requests for a
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -86,8 +92,28 @@ class _Reject(Exception):
 
 
 @dataclass(slots=True)
+class _Delivery:
+    """A QoS 1/2 delivery notified by CON to ``owed`` observations: its packet is acknowledged to the session
+    when the last of them is acknowledged, reset, given up or dropped."""
+
+    packet_id: int
+    qos: int
+    owed: int
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A notification waiting for its observation's outstanding CON to be acknowledged."""
+
+    message: Message
+    qos: int
+    delivery: _Delivery | None
+
+
+@dataclass(slots=True)
 class _Observation:
-    """One observe subscription (RFC 7641 §4.1): who, with which token, on which filter."""
+    """One observe subscription (RFC 7641 §4.1): who, with which token, on which filter; whether a CON
+    notification is outstanding, and the notifications waiting for it (RFC 7641 §4.5.2)."""
 
     peer: Hashable
     token: bytes
@@ -95,6 +121,17 @@ class _Observation:
     path: list[str]
     seq: int = 1
     last_payload: bytes = b""
+    outstanding: bool = False
+    waiting: deque[_Waiting] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _SentNotification:
+    """The context of a CON notification in the endpoint: whose, and the delivery it settles."""
+
+    client: CoapClient
+    observation: _Observation
+    delivery: _Delivery | None
 
 
 @dataclass(slots=True)
@@ -199,9 +236,9 @@ class CoapGateway(CoapApplication[SessionRequest]):
         if isinstance(event, RequestReceived):
             self._on_request(event, now)
         elif isinstance(event, Acknowledged):
-            self._notification_done(event.context, cancel=False)
+            self._notification_done(event.context, now, cancel=False)
         elif isinstance(event, Rejected | GaveUp):
-            self._notification_done(event.context, cancel=True)
+            self._notification_done(event.context, now, cancel=True)
         elif isinstance(event, ResponseReceived):
             self.count("unexpected_responses")
 
@@ -478,6 +515,8 @@ class CoapGateway(CoapApplication[SessionRequest]):
         token = request.message.token
         previous = client.observations.get(token)
         if previous is None or previous.topic_filter != topic_filter or previous.peer != request.peer:
+            if previous is not None:
+                self._drop_waiting(client, previous)
             client.observations[token] = _Observation(request.peer, token, topic_filter, path)
         # else a re-registration (RFC 7641 §3.3.1): the sequence goes on
         client.held = []
@@ -500,9 +539,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             if content_type in _FORMAT_OF:
                 options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
             if held_qos:
-                if held_qos == 2:
-                    session.received(packet_id)
-                session.ack(packet_id)
+                self._ack(client, packet_id, held_qos)
         self._reply(request, Code.CONTENT, payload, options)
         for message, held_qos, packet_id in held:
             self.notify(client, message, held_qos, packet_id)
@@ -510,7 +547,9 @@ class CoapGateway(CoapApplication[SessionRequest]):
     def _unobserve(self, request: RequestReceived, client: CoapClient, topic_filter: str) -> None:
         session = client.session
         assert session is not None
-        client.observations.pop(request.message.token, None)
+        observation = client.observations.pop(request.message.token, None)
+        if observation is not None:
+            self._drop_waiting(client, observation)
         if not any(o.topic_filter == topic_filter for o in client.observations.values()):
             session.unsubscribe([topic_filter])
         self._reply(request, Code.CONTENT)
@@ -561,61 +600,118 @@ class CoapGateway(CoapApplication[SessionRequest]):
     # --- notifications
 
     def notify(self, client: CoapClient, message: Message, qos: int, packet_id: int) -> None:
-        """Send ``message`` to every observation of ``client`` whose filter matches it (RFC 7641 §4.2)."""
+        """Send ``message`` to every observation of ``client`` whose filter matches it (RFC 7641 §4.2), or
+        queue it behind the observation's outstanding CON notification (RFC 7641 §4.5.2)."""
         if self.on_output is not None:
             self.on_output()
-        session = client.session
         targets = [o for o in client.observations.values() if filter_matches(o.topic_filter, message.topic)]
-        notify_type = self.config.notify_type
-        confirmable = notify_type == "con" or (notify_type == "qos" and qos > 0)
-        if not targets or not confirmable:
-            if session is not None and qos:
-                if qos == 2:
-                    session.received(packet_id)
-                session.ack(packet_id)
-            if not targets:
-                self.count("deliveries_without_observer")
-        content_type = message.properties.content_type
+        delivery = None
+        if targets and packet_id and self._confirmable(qos):
+            delivery = _Delivery(packet_id, qos, len(targets))
         now = self.clock.now()
-        for index, observation in enumerate(targets):
-            observation.seq = (observation.seq + 1) & 0xFFFFFF
-            options = [(_OBSERVE, codec.encode_uint(observation.seq))]
-            if content_type in _FORMAT_OF:
-                options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
-            notification = CoapMessage(0, int(Code.CONTENT), 0, observation.token, options, message.payload)
-            observation.last_payload = message.payload
-            self.count("notifications")
-            if confirmable:
-                context = (client, observation.token, packet_id if index == 0 else 0, qos)
-                self.endpoint.send_con(observation.peer, notification, context, now)
-            else:
-                self.endpoint.send_non(observation.peer, notification)
+        for observation in targets:
+            if not observation.outstanding:
+                self._send_notification(client, observation, message, qos, delivery, now)
+                continue
+            waiting = observation.waiting
+            if waiting and waiting[-1].qos == 0:  # only the latest state matters (RFC 7641 §4.5.2)
+                waiting.pop()
+                self.count("notifications_superseded")
+            waiting.append(_Waiting(message, qos, delivery))
+        if not targets:
+            self.count("deliveries_without_observer")
+        if qos and delivery is None:  # after the sends: the session may deliver its next message at once
+            self._ack(client, packet_id, qos)
 
-    def _notification_done(self, context: object, *, cancel: bool) -> None:
-        """A CON notification was acknowledged, reset or never acknowledged (RFC 7641 §4.5)."""
-        if not isinstance(context, tuple) or len(context) != 4:
+    def _confirmable(self, qos: int) -> bool:
+        notify_type = self.config.notify_type
+        return notify_type == "con" or (notify_type == "qos" and qos > 0)
+
+    def _send_notification(
+        self,
+        client: CoapClient,
+        observation: _Observation,
+        message: Message,
+        qos: int,
+        delivery: _Delivery | None,
+        now: float,
+    ) -> None:
+        """One notification with the next sequence number (RFC 7641 §4.4); a CON one is outstanding until
+        its ACK, RST or give-up."""
+        observation.seq = (observation.seq + 1) & 0xFFFFFF
+        options = [(_OBSERVE, codec.encode_uint(observation.seq))]
+        content_type = message.properties.content_type
+        if content_type in _FORMAT_OF:
+            options.append((_CONTENT_FORMAT, codec.encode_uint(_FORMAT_OF[content_type])))
+        notification = CoapMessage(0, int(Code.CONTENT), 0, observation.token, options, message.payload)
+        observation.last_payload = message.payload
+        self.count("notifications")
+        if self._confirmable(qos):
+            observation.outstanding = True
+            context = _SentNotification(client, observation, delivery)
+            self.endpoint.send_con(observation.peer, notification, context, now)
+        else:
+            self.endpoint.send_non(observation.peer, notification)
+
+    def _notification_done(self, context: object, now: float, *, cancel: bool) -> None:
+        """A CON notification was acknowledged (the next waiting one goes out), or reset or never
+        acknowledged (the observation is cancelled, RFC 7641 §4.5, and what waited is dropped)."""
+        if not isinstance(context, _SentNotification):
             return
-        client, token, packet_id, qos = context
-        assert isinstance(client, CoapClient)
+        client, observation = context.client, context.observation
+        observation.outstanding = False
+        current = client.observations.get(observation.token) is observation
+        if cancel:
+            if current:
+                self._cancel(client, observation)
+            self._drop_waiting(client, observation)
+        else:
+            waiting = observation.waiting
+            while current and waiting and not observation.outstanding:
+                item = waiting.popleft()
+                self._send_notification(client, observation, item.message, item.qos, item.delivery, now)
+        # last: settling lets the session deliver its next message, which must queue behind these
+        self._settle(client, context.delivery)
+
+    def _cancel(self, client: CoapClient, observation: _Observation) -> None:
+        """End an observation the client reset or never acknowledged, unsubscribing its filter unless another
+        observation uses it."""
+        del client.observations[observation.token]
+        self.count("observations_cancelled")
+        log.info(
+            "coap %s: observation of %s cancelled by the client",
+            client.client_id,
+            observation.topic_filter,
+            extra=client_fields(client.client_id, client.peer, "coap"),
+        )
         session = client.session
-        if session is not None and packet_id:
+        if session is not None and not any(
+            o.topic_filter == observation.topic_filter for o in client.observations.values()
+        ):
+            session.unsubscribe([observation.topic_filter])
+
+    def _drop_waiting(self, client: CoapClient, observation: _Observation) -> None:
+        """Drop the notifications waiting on an observation that ends, settling their deliveries."""
+        waiting = observation.waiting
+        while waiting:
+            self._settle(client, waiting.popleft().delivery)
+            self.count("notifications_dropped")
+
+    def _settle(self, client: CoapClient, delivery: _Delivery | None) -> None:
+        """One observation is done with ``delivery``; the last one acknowledges it to the session."""
+        if delivery is None:
+            return
+        delivery.owed -= 1
+        if delivery.owed == 0:
+            self._ack(client, delivery.packet_id, delivery.qos)
+
+    @staticmethod
+    def _ack(client: CoapClient, packet_id: int, qos: int) -> None:
+        session = client.session
+        if session is not None:
             if qos == 2:
                 session.received(packet_id)
             session.ack(packet_id)
-        if cancel:
-            observation = client.observations.pop(token, None)
-            if observation is not None:
-                self.count("observations_cancelled")
-                log.info(
-                    "coap %s: observation of %s cancelled by the client",
-                    client.client_id,
-                    observation.topic_filter,
-                    extra=client_fields(client.client_id, client.peer, "coap"),
-                )
-                if session is not None and not any(
-                    o.topic_filter == observation.topic_filter for o in client.observations.values()
-                ):
-                    session.unsubscribe([observation.topic_filter])
 
     # --- endings
 
@@ -631,14 +727,15 @@ class CoapGateway(CoapApplication[SessionRequest]):
             why,
             extra=client_fields(client.client_id, client.peer, "coap"),
         )
+        session, client.session = client.session, None  # the deliveries end with it, unacknowledged
         for observation in client.observations.values():
+            self._drop_waiting(client, observation)
             final = CoapMessage(0, int(Code.CONFLICT), 0, observation.token, [], why.encode())
             self.endpoint.send_non(observation.peer, final)
         client.observations.clear()
         waiting, client.waiting = client.waiting, []
         for request in waiting:  # never leave an exchange unanswered
             self._reply(request, Code.CONFLICT, why.encode())
-        session, client.session = client.session, None
         if session is not None and not detached:
             session.close(publish_will=publish_will)
 

@@ -3,15 +3,20 @@ client and a raw codec client drive it; paho-mqtt checks what the broker sees.
 
 EMQX 4.3 style ``/mqtt/{topic}?c=`` publish, observe, unobserve and retained read; EMQX 5.x style connections
 with tokens, heartbeats and ``/ps/{topic}``; ``connection_required``; NON, CON and QoS-driven notifications
-with RST and give-up cancelling the observation; duplicate CON requests; one session per client id; content
+with RST and give-up cancelling the observation, and at most one CON notification outstanding per observation;
+duplicate CON requests; one session per client id; content
 formats carried as MQTT 5 content types; block-wise transfer both ways bounded by ``max_body_size``;
 ``/.well-known/core``.
 """
 
 from __future__ import annotations
 
+import selectors
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import aiocoap
@@ -21,8 +26,11 @@ from aiocoap.numbers.contentformat import ContentFormat as AioContentFormat
 from gateways.coap import codec
 from gateways.coap.numbers import Code, ContentFormat, Timing
 from tests.integration.coap_helpers import (
+    ACK,
     CON,
+    HOST,
     NON,
+    RST,
     AioCoap,
     CoapClients,
     RawCoap,
@@ -31,13 +39,14 @@ from tests.integration.coap_helpers import (
     coap_client,
     coap_fixture,  # noqa: F401  (the "coap" fixture)
     coap_gateway,
+    coap_port,
     coap_uri,
     code_of,
     endpoint_metric,
     gateway_counter,
     observe_seq,
 )
-from tests.integration.helpers import Clients, paho_props, wait_for
+from tests.integration.helpers import TIMEOUT, Clients, paho_props, wait_for
 
 JSON = int(ContentFormat.JSON)
 
@@ -424,6 +433,81 @@ def test_unacknowledged_con_notification_is_retransmitted_then_cancels_the_obser
     assert endpoint_metric(mqgate, "gave_up") == 1
     mqtt.publish("lost/t", b"anyone?", 1)
     raw.expect_nothing(match=lambda m: m.token == token)
+
+
+class ConWatch:
+    """A UDP relay between a CoAP client and the gateway that counts, per token, the CON messages the gateway
+    sent and the client has not yet acknowledged or reset, keeping the highest count seen in ``most``."""
+
+    def __init__(self, gateway_port: int) -> None:
+        self.gateway = (HOST, gateway_port)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the client's side
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the gateway's side
+        self.front.bind((HOST, 0))
+        self.back.bind((HOST, 0))
+        self.port: int = self.front.getsockname()[1]
+        self.most: dict[bytes, int] = {}
+        self._client: tuple[str, int] | None = None
+        self._outstanding: dict[int, bytes] = {}  # message id -> token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._relay, name="con-watch", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.front, selectors.EVENT_READ)
+            selector.register(self.back, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(0.05):
+                    if key.fileobj is self.front:
+                        data, self._client = self.front.recvfrom(65536)
+                        message = codec.decode(data)
+                        if message.mtype in (ACK, RST):
+                            self._outstanding.pop(message.mid, None)
+                        self.back.sendto(data, self.gateway)
+                    else:
+                        data, _ = self.back.recvfrom(65536)
+                        message = codec.decode(data)
+                        if message.mtype == CON:
+                            self._outstanding[message.mid] = message.token
+                            count = sum(t == message.token for t in self._outstanding.values())
+                            self.most[message.token] = max(count, self.most.get(message.token, 0))
+                        if self._client is not None:
+                            self.front.sendto(data, self._client)
+
+    def __enter__(self) -> ConWatch:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        self.front.close()
+        self.back.close()
+
+
+def test_con_notifications_to_a_fast_qos0_publisher_go_one_at_a_time_and_end_with_the_latest(
+    start_broker: Any, clients: Clients, aio: AioCoap
+) -> None:
+    mqgate = start_broker(gateways={"coap": {"notify_type": "con"}})
+    count = 500
+    last = b"%d" % (count - 1)
+    with ConWatch(coap_port(mqgate)) as watch:
+        observation = aio.observe(f"coap://{HOST}:{watch.port}/mqtt/burst/t?c=burst")
+        assert aio_code(observation.first) == "2.05"
+        mqtt = clients.paho(mqgate.port, "pub", version=5)
+        for i in range(count):
+            mqtt.publish("burst/t", b"%d" % i, 0, wait=False)
+        payloads = [observation.expect().payload]
+        while payloads[-1] != last:
+            payloads.append(observation.expect().payload)
+    assert list(watch.most.values()) == [1]  # RFC 7252 §4.7 NSTART 1, RFC 7641 §4.5.1
+    assert payloads == sorted(payloads, key=int)
+    sent = gateway_counter(mqgate, "notifications")
+    superseded = gateway_counter(mqgate, "notifications_superseded")
+    assert sent == len(payloads)
+    assert sent + superseded == count and superseded > 0
 
 
 def test_duplicate_con_request_gets_the_cached_response_and_publishes_once(

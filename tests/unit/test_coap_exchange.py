@@ -1005,6 +1005,114 @@ def test_con_notification_never_acknowledged_is_retransmitted_then_cancels_the_o
     assert h.endpoint.metrics.gave_up == 1
 
 
+# --- one outstanding CON notification per observation (RFC 7252 §4.7, RFC 7641 §4.5.1, §4.5.2)
+
+
+def test_qos0_con_notifications_wait_for_the_ack_and_only_the_latest_goes_out() -> None:
+    h = Harness(notify_type="con")
+    h.observe(A, "fast/t", "obs", b"o1")
+    for i in range(100):
+        h.publish("fast/t", b"%d" % i)
+    (first,) = h.take(A)
+    assert (first.mtype, first.payload) == (CON, b"0")
+    assert h.gateway.counters["notifications_superseded"] == 98
+    (latest,) = h.send_bytes(A, codec.empty_ack(first.mid))
+    assert (latest.mtype, latest.token, latest.payload) == (CON, b"o1", b"99")
+    first_seq, latest_seq = first.observe(), latest.observe()
+    assert first_seq is not None and latest_seq == first_seq + 1  # numbered when sent, not when queued
+    assert h.send_bytes(A, codec.empty_ack(latest.mid)) == []
+    assert h.gateway.counters["notifications"] == 2
+
+
+def test_qos1_con_notifications_wait_in_order_and_none_is_lost() -> None:
+    h = Harness(notify_type="con", max_inflight=4)
+    h.observe(A, "ord/t", "obs", b"o1")
+    session = h.session("obs")
+    payloads = [b"m%d" % i for i in range(10)]
+    for payload in payloads:
+        h.publish("ord/t", payload, qos=1)
+    (note,) = h.take(A)
+    assert (len(session.inflight), len(session.queue)) == (4, 6)  # 1 sent, 3 waiting here, 6 in the session
+    received = [note.payload]
+    while True:
+        out = h.send_bytes(A, codec.empty_ack(note.mid))
+        if not out:
+            break
+        (note,) = out
+        assert note.mtype == CON
+        received.append(note.payload)
+    assert received == payloads
+    assert not session.inflight and not session.queue
+    assert h.gateway.counters.get("notifications_superseded", 0) == 0
+
+
+def test_waiting_qos0_notification_is_superseded_but_qos1_ones_keep_their_place() -> None:
+    h = Harness(max_inflight=2)  # notify_type "qos": QoS 1 by CON, QoS 0 by NON
+    h.observe(A, "mix/t", "obs", b"o1", "qos=1")
+    for payload, qos in ((b"one", 1), (b"a", 0), (b"two", 1), (b"b", 0), (b"c", 0)):
+        h.publish("mix/t", payload, qos=qos)
+    (one,) = h.take(A)  # the NON ones wait too: sent now, they would overtake "two"
+    (two,) = h.send_bytes(A, codec.empty_ack(one.mid))
+    assert (two.mtype, two.payload) == (CON, b"two")
+    (c,) = h.send_bytes(A, codec.empty_ack(two.mid))
+    assert (c.mtype, c.payload) == (NON, b"c")
+    assert h.gateway.counters["notifications_superseded"] == 2
+    assert not h.session("obs").inflight
+    h.publish("mix/t", b"d")
+    assert [n.payload for n in h.take(A)] == [b"d"]  # nothing outstanding: at once
+
+
+def test_rst_of_the_outstanding_con_drops_the_waiting_notifications_and_settles_their_deliveries() -> None:
+    h = Harness(notify_type="con", max_inflight=3)
+    h.observe(A, "rw/t", "obs", b"o1")
+    session = h.session("obs")
+    for i in range(5):
+        h.publish("rw/t", b"%d" % i, qos=1)
+    (note,) = h.take(A)
+    assert h.send_bytes(A, codec.reset(note.mid)) == []
+    assert h.gateway.counters["observations_cancelled"] == 1
+    assert h.gateway.counters["notifications_dropped"] == 2
+    assert not session.inflight and not session.queue  # the rest found no observer and were acknowledged
+    assert "rw/t" not in session.subscriptions
+
+
+def test_give_up_on_the_outstanding_con_drops_the_waiting_one() -> None:
+    h = Harness(notify_type="con", heartbeat=1000)
+    h.observe(A, "gw/t", "obs", b"o1")
+    h.publish("gw/t", b"x")
+    h.publish("gw/t", b"y")
+    h.advance(Timing().max_transmit_wait)
+    assert {n.payload for n in h.take(A)} == {b"x"}
+    assert h.gateway.counters["observations_cancelled"] == 1
+    assert h.gateway.counters["notifications_dropped"] == 1
+
+
+def test_unobserve_drops_the_waiting_notifications_and_a_late_ack_sends_nothing() -> None:
+    h = Harness(notify_type="con", max_inflight=2)
+    h.observe(A, "uw/t", "obs", b"o1")
+    h.publish("uw/t", b"1", qos=1)
+    h.publish("uw/t", b"2", qos=1)
+    (note,) = h.take(A)
+    h.ask(A, req(GET, "mqtt/uw/t", "c=obs", token=b"o1", options=[observe_option(1)]))
+    assert h.gateway.counters["notifications_dropped"] == 1
+    assert h.send_bytes(A, codec.empty_ack(note.mid)) == []
+    assert not h.session("obs").inflight
+
+
+def test_a_qos1_delivery_to_two_observations_is_acknowledged_once_both_acked() -> None:
+    h = Harness(notify_type="con")
+    h.observe(A, "two/t", "obs", b"o1")
+    h.observe(A, "two/t", "obs", b"o2")
+    session = h.session("obs")
+    h.publish("two/t", b"x", qos=1)
+    by_token = {n.token: n for n in h.take(A)}
+    assert sorted(by_token) == [b"o1", b"o2"]
+    h.send_bytes(A, codec.empty_ack(by_token[b"o1"].mid))
+    assert len(session.inflight) == 1
+    h.send_bytes(A, codec.empty_ack(by_token[b"o2"].mid))
+    assert not session.inflight
+
+
 # --- read of the retained message, Block2 (RFC 7959 §2.4)
 
 
