@@ -20,35 +20,43 @@ import argparse
 import ctypes
 import json
 import multiprocessing as mp
-import os
-import resource
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _common import (
-    BUSY_OTHER_PCT,
     HOST,
     START_TIMEOUT_S,
+    BusyFlags,
+    Meter,
     Pinning,
     StartError,
-    busy_seconds,
-    cpu_seconds,
+    Unavailable,
+    cpu_figures,
+    fmt,
     free_port,
+    mosquitto_command,
+    mqgate_argv,
     mqgate_config,
+    mqgate_toml,
+    names_of,
+    pct,
+    pin_load_generator,
+    positive_ints,
+    print_table,
+    reap,
     rss_bytes,
     running,
     sections_to_disable,
-    socket_drops,
+    sockets_error,
     tail,
 )
-from _loadgen import Inbox, LoadError
+from _loadgen import Inbox, LoadError, Received
 from mqttsn import (
     COUNT,
     DRAIN_S,
@@ -61,11 +69,12 @@ from mqttsn import (
     SPARE_FILES,
     Clients,
     Published,
-    Received,
     Settings,
-    _numbers,
     _subscriber_main,
     _wait_gateway,
+    print_reference,
+    run_cells,
+    run_figures,
 )
 
 MODES = ("transparent", "aggregating")
@@ -125,79 +134,41 @@ class Cell:
         p, r = self.published, self.received
         if p is None or r is None:
             return out
-        seconds = (r.last_ns - p.start_ns) / 1e9 if r.delivered else 0.0
-        ack_seconds = (p.last_ack_ns - p.start_ns) / 1e9
-        load_cpu_s = p.cpu_s + r.cpu_s
-        reference = REFERENCE_MSGS_PER_S.get(self.window)
-        msgs_per_s = r.delivered / seconds if seconds > 0 else 0.0
-        per_msg = 1e6 / r.delivered if r.delivered else None
-        return out | {
-            "published": asdict(p),
-            "received": asdict(r),
-            "seconds": seconds,
-            "msgs_per_s": msgs_per_s,
-            "puback_msgs_per_s": p.acked / ack_seconds if ack_seconds > 0 else 0.0,
-            "p50_ms": r.p50_ms,
-            "p99_ms": r.p99_ms,
-            "lost": p.sent - p.refused - r.delivered,
-            "mqgate_cpu_us_per_msg": self.mqgate_cpu_s * per_msg if per_msg else None,
-            "mosquitto_cpu_us_per_msg": self.mosquitto_cpu_s * per_msg if per_msg else None,
-            "mqgate_cpu_pct": _pct(self.mqgate_cpu_s, seconds),
-            "mosquitto_cpu_pct": _pct(self.mosquitto_cpu_s, seconds),
-            "load_cpu_pct": _pct(load_cpu_s, seconds),
-            "other_cpu_pct": (
-                None
-                if self.cpus_busy_s is None
-                else _pct(self.cpus_busy_s - self.mqgate_cpu_s - self.mosquitto_cpu_s - load_cpu_s, seconds)
-            ),
-            "socket_drops": self.socket_drops,
-            "reference_msgs_per_s": reference,
-            "ratio_to_reference": msgs_per_s / reference if reference else None,
-        }
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
-
-
-def _mosquitto_command(workdir: Path, port: int) -> list[str]:
-    exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if exe is None:
-        raise StartError("mosquitto not found (apt-get install mosquitto)")
-    config = workdir / "mosquitto.conf"
-    # As in bench/broker.py: no queue limits (mosquitto 2.0 drops QoS 0 deliveries to a client with
-    # max_queued_messages packets waiting), TCP_NODELAY as asyncio sets it, no persistence.
-    config.write_text(
-        f"listener {port} {HOST}\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        "max_queued_messages 1000000\n"
-        "max_queued_bytes 0\n"
-        "max_inflight_messages 100\n"
-        "set_tcp_nodelay true\n"
-        "log_dest stderr\n"
-        "log_type error\n"
-        "log_type warning\n"
-    )
-    return [exe, "-c", str(config)]
+        run = run_figures(p, r, self.window)
+        seconds, delivered = run["seconds"], r.delivered
+        # mosquitto's CPU time is taken out of the busy time, so that "other" is neither it nor mqgate's
+        busy_s = None if self.cpus_busy_s is None else self.cpus_busy_s - self.mosquitto_cpu_s
+        return (
+            out
+            | run
+            | cpu_figures("mqgate", "msg", self.mqgate_cpu_s, p.cpu_s + r.cpu_s, busy_s, seconds, delivered)
+            | {
+                "mosquitto_cpu_us_per_msg": self.mosquitto_cpu_s * 1e6 / delivered if delivered else None,
+                "mosquitto_cpu_pct": pct(self.mosquitto_cpu_s, seconds),
+                "socket_drops": self.socket_drops,
+            }
+        )
 
 
 def _mqgate_command(
-    workdir: Path, name: str, mode: str, mosquitto_port: int, udp_port: int, clients: int, disabled: list[str]
-) -> tuple[list[str], Path]:
-    config = workdir / f"mqgate-{name}.toml"
+    config: Path, mode: str, mosquitto_port: int, udp_port: int, clients: int, disabled: list[str]
+) -> list[str]:
+    """Writes the configuration of an mqgate in gateway-only mode towards mosquitto into ``config`` (its
+    store-and-forward buffer beside it) and returns the command line."""
     config.write_text(
-        "[upstream]\n"
-        f'url = "mqtt://{HOST}:{mosquitto_port}"\n'
-        f'mode = "{mode}"\n'
-        f'buffer_dir = "{workdir / ("buffer-" + name)}"\n'
-        "max_buffer_bytes = 1073741824\n\n"
-        f'[gateways.mqttsn]\nbind = "{HOST}:{udp_port}"\nadvertise_interval = 0\n'
-        f"max_clients = {max(clients, 10_000)}\n\n"
-        + "".join(f"[{section}]\nenabled = false\n\n" for section in disabled)
-        + '[log]\nlevel = "info"\n'  # the upstream connection's "connected" line tells when it is ready
+        mqgate_toml(
+            "[upstream]\n"
+            f'url = "mqtt://{HOST}:{mosquitto_port}"\n'
+            f'mode = "{mode}"\n'
+            f'buffer_dir = "{config.with_suffix(".buffer")}"\n'
+            "max_buffer_bytes = 1073741824\n\n"
+            f'[gateways.mqttsn]\nbind = "{HOST}:{udp_port}"\nadvertise_interval = 0\n'
+            f"max_clients = {max(clients, 10_000)}\n\n",
+            disabled,
+            "info",  # the upstream connection's "connected" line tells when it is ready
+        )
     )
-    return [sys.executable, "-m", "core.cli", "--config", str(config)], config.with_suffix(".log")
+    return mqgate_argv(config)
 
 
 def _sections_off(config: dict[str, Any]) -> list[str]:
@@ -238,14 +209,15 @@ def _run_cell(
     disabled: list[str],
 ) -> None:
     """Runs ``cell`` on a fresh mosquitto and mqgate and fills it in."""
-    _, open_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if cell.clients + SPARE_FILES > open_files:
-        cell.error = f"{cell.clients:,} clients need as many sockets: the open files limit is {open_files:,}"
+    cell.error = sockets_error(cell.clients, "clients", SPARE_FILES)
+    if cell.error:
         return
     name = f"{cell.mode}-{cell.clients}x{cell.window}"
     mosquitto_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     mosquitto_log = workdir / f"mosquitto-{name}.log"
-    argv, log = _mqgate_command(workdir, name, cell.mode, mosquitto_port, udp_port, cell.clients, disabled)
+    config = workdir / f"mqgate-{name}.toml"
+    log = config.with_suffix(".log")
+    argv = _mqgate_command(config, cell.mode, mosquitto_port, udp_port, cell.clients, disabled)
     ctx = mp.get_context("fork")
     expected = ctx.RawValue(ctypes.c_int64, -1)
     results: mp.Queue[tuple[str, Any]] = ctx.Queue()
@@ -256,7 +228,7 @@ def _run_cell(
     )
     try:
         with running(
-            _mosquitto_command(workdir, mosquitto_port), mosquitto_log, mosquitto_port, mosquitto_cpus
+            mosquitto_command(workdir, mosquitto_port), mosquitto_log, mosquitto_port, mosquitto_cpus
         ) as mosquitto:
             sub.start()
             inbox = Inbox(results)
@@ -269,15 +241,11 @@ def _run_cell(
                     raise LoadError(f"mqgate exited with code {mqgate.returncode} during the run")
             if mosquitto.poll() is not None:
                 raise LoadError(f"mosquitto exited with code {mosquitto.returncode} during the run")
-    except (LoadError, OSError, StartError) as exc:
+    except (LoadError, OSError, StartError, Unavailable) as exc:
         cell.error = str(exc) or repr(exc)
     finally:
         expected.value = max(expected.value, 0)  # a subscriber still waiting stops
-        if sub.pid is not None:
-            sub.join(5)
-            if sub.is_alive():
-                sub.kill()
-                sub.join(5)
+        reap(sub)
         results.close()
         lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         problems = [line for line in lines if any(f" {level} " in line for level in _PROBLEMS)]
@@ -297,29 +265,19 @@ def _publish(
         cell.connect_s = time.monotonic() - t0
         cell.setup_resent = clients.setup_resent
         cell.rss_connected = rss_bytes(pid)
-        drops0 = socket_drops(udp_port)
-        cpu0, mcpu0 = cpu_seconds(pid), cpu_seconds(mosquitto_pid)
-        busy0 = busy_seconds(cpus) if cpus else None
+        meter = Meter([pid, mosquitto_pid], cpus, udp_port)
         in_flight = cell.clients * cell.window
         cell.in_flight = min(in_flight, settings.max_in_flight or in_flight)
         cell.published = clients.publish(cell.window, cell.in_flight, settings.count, settings.seconds)
-        cell.mqgate_cpu_s = cpu_seconds(pid) - cpu0
-        cell.mosquitto_cpu_s = cpu_seconds(mosquitto_pid) - mcpu0
-        if busy0 is not None and cpus:
-            cell.cpus_busy_s = busy_seconds(cpus) - busy0
-        drops1 = socket_drops(udp_port)
-        if drops0 is not None and drops1 is not None:
-            cell.socket_drops = drops1 - drops0
+        usage = meter.usage()
+        (cell.mqgate_cpu_s, cell.mosquitto_cpu_s), cell.cpus_busy_s = usage.cpu_s, usage.busy_s
+        cell.socket_drops = usage.drops
         return cell.published
     finally:
         clients.close()
 
 
 # ---------------------------------------------------------------- report
-
-
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
 
 
 _COLUMNS = (  # header, width
@@ -344,49 +302,31 @@ _COLUMNS = (  # header, width
 )
 
 
-def _line(cells: list[str]) -> str:
-    return "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS, strict=False))
-
-
 def _print_table(cells: list[Cell]) -> None:
-    print()
-    print(
-        "reference, Eclipse Paho MQTT-SN gateway (C++) + mosquitto, 1 client, QoS 1, 16-byte payloads: "
-        + ", ".join(f"{rate:,} msgs/s with window {w}" for w, rate in REFERENCE_MSGS_PER_S.items())
-    )
-    print(_line([header for header, _ in _COLUMNS]))
-    flagged = False
+    print_reference()
+    rows, busy = [], BusyFlags()
     for cell in cells:
         f = cell.figures()
-        row = [cell.mode, f"{cell.clients:,}", str(cell.window), _fmt(cell.in_flight, ",d")]
+        row = [cell.mode, f"{cell.clients:,}", str(cell.window), fmt(cell.in_flight, ",d")]
         if "msgs_per_s" not in f:
-            print(_line(row) + f"  failed: {cell.error}")
+            rows.append([*row, f"failed: {cell.error}"])
             continue
-        published: dict[str, Any] = f["published"]
-        busy = (f["other_cpu_pct"] or 0.0) > BUSY_OTHER_PCT
-        flagged |= busy
-        row += [
-            f"{f['msgs_per_s']:,.0f}",
-            f"{f['puback_msgs_per_s']:,.0f}",
-            _fmt(f["p50_ms"], ".2f"),
-            _fmt(f["p99_ms"], ".2f"),
-            f"{f['lost']:,}",
-            f"{published['resent']:,}",
-            _fmt(f["socket_drops"], ",d"),
-            _fmt(f["mqgate_cpu_us_per_msg"], ".1f"),
-            _fmt(f["mosquitto_cpu_us_per_msg"], ".1f"),
-            _fmt(f["mqgate_cpu_pct"], ".0f", "%"),
-            _fmt(f["mosquitto_cpu_pct"], ".0f", "%"),
-            _fmt(f["load_cpu_pct"], ".0f", "%"),
-            _fmt(f["other_cpu_pct"], ".0f", "%") + ("!" if busy else ""),
-            _fmt(f["ratio_to_reference"], ".2f"),
-        ]
-        print(_line(row) + (f"  {cell.error}" if cell.error else ""))
-    if flagged:
-        print(
-            f"! other programs kept the CPUs more than {BUSY_OTHER_PCT:.0f}% busy during that run: "
-            "its msgs/s and latencies are not comparable, cpu us/msg suffers least"
+        rows.append(
+            [
+                *row,
+                *run_cells(f),
+                fmt(f["mqgate_cpu_us_per_msg"], ".1f"),
+                fmt(f["mosquitto_cpu_us_per_msg"], ".1f"),
+                fmt(f["mqgate_cpu_pct"], ".0f", "%"),
+                fmt(f["mosquitto_cpu_pct"], ".0f", "%"),
+                fmt(f["load_cpu_pct"], ".0f", "%"),
+                busy.cell(f["other_cpu_pct"]),
+                fmt(f["ratio_to_reference"], ".2f"),
+                *([cell.error] if cell.error else []),
+            ]
         )
+    print_table(_COLUMNS, rows)
+    busy.print_note("msgs/s", "cpu us/msg")
 
 
 def _print_progress(cell: Cell) -> None:
@@ -407,13 +347,6 @@ def _print_progress(cell: Cell) -> None:
 # ---------------------------------------------------------------- main
 
 
-def _modes(value: str) -> list[str]:
-    modes = [m.strip() for m in value.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(MODES)} (got {value!r})")
-    return modes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -422,13 +355,16 @@ def main() -> None:
         "--quick", action="store_true", help=f"{QUICK_COUNT:,} messages or {QUICK_RUN_S:.0f} s per cell"
     )
     parser.add_argument(
-        "--modes", type=_modes, default=list(MODES), help="comma-separated, default transparent,aggregating"
+        "--modes",
+        type=names_of(MODES),
+        default=list(MODES),
+        help="comma-separated, default transparent,aggregating",
     )
     parser.add_argument(
-        "--clients", type=_numbers, default=list(CLIENTS), help="comma-separated, default 1,1000"
+        "--clients", type=positive_ints, default=list(CLIENTS), help="comma-separated, default 1,1000"
     )
     parser.add_argument(
-        "--windows", type=_numbers, default=list(WINDOWS), help="comma-separated, default 1,8"
+        "--windows", type=positive_ints, default=list(WINDOWS), help="comma-separated, default 1,8"
     )
     parser.add_argument(
         "--max-in-flight",
@@ -447,20 +383,9 @@ def main() -> None:
     settings = Settings(
         QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, max(0, args.max_in_flight)
     )
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pinning = Pinning.split()
+    pinning = pin_load_generator("mqgate")
     mosquitto_cpus = {"broker": pinning.broker, "load": pinning.load, "any": None}[args.mosquitto_cpu]
-    if pinning.load and pinning.broker:
-        os.sched_setaffinity(0, pinning.load)
-        where = sorted(mosquitto_cpus) if mosquitto_cpus else "any cpu"
-        print(
-            f"load generator on cpu {sorted(pinning.load)}, mqgate on cpu {sorted(pinning.broker)}, "
-            f"mosquitto on {where}"
-        )
-    else:
-        print("one cpu only: everything shares it (figures are not comparable to 2-cpu runs)")
+    print(f"mosquitto on {f'cpu {sorted(mosquitto_cpus)}' if mosquitto_cpus else 'any cpu'}")
 
     cells = [Cell(m, n, w) for m in args.modes for n in args.clients for w in args.windows]
     try:
@@ -479,11 +404,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
-                "cpus": {
-                    "load": sorted(pinning.load or ()),
-                    "mqgate": sorted(pinning.broker or ()),
-                    "mosquitto": sorted(mosquitto_cpus or ()),
-                },
+                "cpus": pinning.figures("mqgate") | {"mosquitto": sorted(mosquitto_cpus or ())},
                 "count": settings.count,
                 "max_in_flight": settings.max_in_flight,
                 "reference_msgs_per_s": REFERENCE_MSGS_PER_S,

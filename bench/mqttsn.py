@@ -316,31 +316,38 @@ class Cell:
         p, r = self.published, self.received
         if p is None or r is None:
             return out
-        seconds = (r.last_ns - p.start_ns) / 1e9 if r.delivered else 0.0
-        ack_seconds = (p.last_ack_ns - p.start_ns) / 1e9
-        load_cpu_s = p.cpu_s + r.cpu_s
-        reference = REFERENCE_MSGS_PER_S.get(self.window)
-        msgs_per_s = r.delivered / seconds if seconds > 0 else 0.0
+        run = run_figures(p, r, self.window)
         cpu = cpu_figures(
-            "gateway", "msg", self.gateway_cpu_s, load_cpu_s, self.cpus_busy_s, seconds, r.delivered
+            "gateway",
+            "msg",
+            self.gateway_cpu_s,
+            p.cpu_s + r.cpu_s,
+            self.cpus_busy_s,
+            run["seconds"],
+            r.delivered,
         )
-        return (
-            out
-            | cpu
-            | {
-                "published": asdict(p),
-                "received": asdict(r),
-                "seconds": seconds,
-                "msgs_per_s": msgs_per_s,
-                "puback_msgs_per_s": p.acked / ack_seconds if ack_seconds > 0 else 0.0,
-                "p50_ms": r.p50_ms,
-                "p99_ms": r.p99_ms,
-                "lost": p.sent - p.refused - r.delivered,
-                "socket_drops": self.socket_drops,
-                "reference_msgs_per_s": reference,
-                "ratio_to_reference": msgs_per_s / reference if reference else None,
-            }
-        )
+        return out | run | cpu | {"socket_drops": self.socket_drops}
+
+
+def run_figures(p: Published, r: Received, window: int) -> dict[str, Any]:
+    """What the publishers and the subscriber measured: rates from the first PUBLISH to the last delivery
+    and PUBACK, latencies, losses, and the ratio to the Paho gateway's rate for ``window``."""
+    seconds = (r.last_ns - p.start_ns) / 1e9 if r.delivered else 0.0
+    ack_seconds = (p.last_ack_ns - p.start_ns) / 1e9
+    reference = REFERENCE_MSGS_PER_S.get(window)
+    msgs_per_s = r.delivered / seconds if seconds > 0 else 0.0
+    return {
+        "published": asdict(p),
+        "received": asdict(r),
+        "seconds": seconds,
+        "msgs_per_s": msgs_per_s,
+        "puback_msgs_per_s": p.acked / ack_seconds if ack_seconds > 0 else 0.0,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "lost": p.sent - p.refused - r.delivered,
+        "reference_msgs_per_s": reference,
+        "ratio_to_reference": msgs_per_s / reference if reference else None,
+    }
 
 
 def _write_config(path: Path, tcp_port: int, udp_port: int, clients: int, disabled: list[str]) -> None:
@@ -462,12 +469,31 @@ _COLUMNS = (  # header, width
 )
 
 
-def _print_table(cells: list[Cell]) -> None:
+def print_reference() -> None:
+    """The Paho gateway's figures the table compares with."""
     print()
     print(
         "reference, Eclipse Paho MQTT-SN gateway (C++) + mosquitto, 1 client, QoS 1, 16-byte payloads: "
         + ", ".join(f"{rate:,} msgs/s with window {w}" for w, rate in REFERENCE_MSGS_PER_S.items())
     )
+
+
+def run_cells(f: dict[str, Any]) -> list[str]:
+    """The table's cells for :func:`run_figures` and the socket drops of a cell's ``figures()``."""
+    published: dict[str, Any] = f["published"]
+    return [
+        f"{f['msgs_per_s']:,.0f}",
+        f"{f['puback_msgs_per_s']:,.0f}",
+        fmt(f["p50_ms"], ".2f"),
+        fmt(f["p99_ms"], ".2f"),
+        f"{f['lost']:,}",
+        f"{published['resent']:,}",
+        fmt(f["socket_drops"], ",d"),
+    ]
+
+
+def _print_table(cells: list[Cell]) -> None:
+    print_reference()
     rows, busy = [], BusyFlags()
     for cell in cells:
         f = cell.figures()
@@ -475,17 +501,10 @@ def _print_table(cells: list[Cell]) -> None:
         if "msgs_per_s" not in f:
             rows.append([*row, f"failed: {cell.error}"])
             continue
-        published: dict[str, Any] = f["published"]
         rows.append(
             [
                 *row,
-                f"{f['msgs_per_s']:,.0f}",
-                f"{f['puback_msgs_per_s']:,.0f}",
-                fmt(f["p50_ms"], ".2f"),
-                fmt(f["p99_ms"], ".2f"),
-                f"{f['lost']:,}",
-                f"{published['resent']:,}",
-                fmt(f["socket_drops"], ",d"),
+                *run_cells(f),
                 fmt(f["gateway_cpu_us_per_msg"], ".1f"),
                 fmt(f["gateway_cpu_pct"], ".0f", "%"),
                 fmt(f["load_cpu_pct"], ".0f", "%"),
@@ -500,10 +519,6 @@ def _print_table(cells: list[Cell]) -> None:
 
 
 # ---------------------------------------------------------------- main
-
-
-_numbers = positive_ints
-"""The name bench/edge.py imports it by."""
 
 
 def main() -> None:
