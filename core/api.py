@@ -50,6 +50,17 @@ OPENAPI_FILE = Path(__file__).with_name("openapi.json")
 PROTOCOLS = ("mqtt", "mqttsn", "coap", "lwm2m")
 STATES = ("connected", "asleep", "offline")
 MAX_LIMIT = 10_000
+DTLS_COUNTERS = (
+    "handshakes",
+    "handshake_failures",
+    "banned_handshakes",
+    "dropped_peers",
+    "ignored_datagrams",
+    "unsent_datagrams",
+    "bytes_in",
+    "bytes_out",
+)
+"""The counters of :class:`gateways.coap.dtls.DtlsDatagramCore` shown (as ``dtls_*``) for a DTLS listener."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -241,6 +252,21 @@ def _message_view(message: Message) -> dict[str, Any]:
         "payload_size": len(message.payload),
         "from_clientid": message.sender,
     }
+
+
+def _listener_view(listener_id: str, listener: Any) -> dict[str, Any]:
+    """A listener; a TLS or WebSocket one (and a DTLS gateway) with its failed handshakes."""
+    kind, _, transport = listener_id.partition(":")
+    view: dict[str, Any] = {
+        "id": listener_id,
+        "type": kind,
+        "transport": transport,
+        "address": listener.address,
+    }
+    failures = getattr(getattr(listener, "dtls", listener), "handshake_failures", None)
+    if transport != "tcp" and isinstance(failures, int):
+        view["handshake_failures"] = failures
+    return view
 
 
 class ApiServer:
@@ -483,17 +509,21 @@ class ApiServer:
         return []
 
     @staticmethod
-    def _gateway_counters(core: Any) -> dict[str, int]:
-        """The counters of a gateway; a CoAP or LwM2M one adds its message layer's (datagrams,
-        retransmissions, duplicates ...)."""
+    def _gateway_counters(listener: Any) -> dict[str, int]:
+        """The counters of a gateway listener: its gateway's; a CoAP or LwM2M one adds its message layer's
+        (datagrams, retransmissions, duplicates ...), a DTLS one its DTLS layer's as ``dtls_*``."""
+        core = listener.gateway
         metrics = getattr(core, "metrics", None)
         if metrics is not None and hasattr(metrics, "as_dict"):
             counters: dict[str, int] = metrics.as_dict()
-            return counters
-        counters = dict(getattr(core, "counters", {}))
-        endpoint = getattr(core, "endpoint", None)
-        if endpoint is not None:
-            counters.update((f.name, getattr(endpoint.metrics, f.name)) for f in fields(endpoint.metrics))
+        else:
+            counters = dict(getattr(core, "counters", {}))
+            endpoint = getattr(core, "endpoint", None)
+            if endpoint is not None:
+                counters.update((f.name, getattr(endpoint.metrics, f.name)) for f in fields(endpoint.metrics))
+        dtls = getattr(listener, "dtls", None)
+        if dtls is not None:
+            counters.update((f"dtls_{name}", getattr(dtls, name)) for name in DTLS_COUNTERS)
         return counters
 
     def _gateway_view(self, name: str, *, details: bool) -> dict[str, Any]:
@@ -504,7 +534,7 @@ class ApiServer:
         clients: list[str] = []
         listeners = []
         for listener_id, core in found:
-            for key, value in self._gateway_counters(core).items():
+            for key, value in self._gateway_counters(self.app.listeners[listener_id]).items():
                 counters[key] = counters.get(key, 0) + value
             clients += self._gateway_clients(name, core)
             listeners.append({"id": listener_id, "address": self.app.listeners[listener_id].address})
@@ -528,8 +558,7 @@ class ApiServer:
 
     def _listener_views(self) -> Iterable[dict[str, Any]]:
         for listener_id, listener in self.app.listeners.items():
-            kind, _, transport = listener_id.partition(":")
-            yield {"id": listener_id, "type": kind, "transport": transport, "address": listener.address}
+            yield _listener_view(listener_id, listener)
 
     async def list_listeners(self, request: web.Request) -> web.Response:
         return web.json_response(list(self._listener_views()))
@@ -546,9 +575,7 @@ class ApiServer:
             raise ApiError(409, "RESTART_FAILED", str(exc)) from None
         except KeyError:
             raise ApiError(409, "RESTART_FAILED", f"{listener_id} is disabled in the configuration") from None
-        kind, _, transport = listener_id.partition(":")
-        view = {"id": listener_id, "type": kind, "transport": transport, "address": listener.address}
-        return web.json_response(view)
+        return web.json_response(_listener_view(listener_id, listener))
 
     @property
     def traces(self) -> TraceManager:
@@ -723,12 +750,17 @@ class MetricsCollector(Collector):
         app = self.app
         broker = app.broker
         yield _gauge("mqgate_info", "mqgate version", {"version": __version__}, 1)
+        gateways = {
+            listener_id: ApiServer._gateway_counters(listener)
+            for listener_id, listener in app.listeners.items()
+            if getattr(listener, "gateway", None) is not None
+        }
         if broker is not None:
-            yield from self._broker(broker)
-        yield from self._gateways()
+            yield from self._broker(broker, gateways)
+        yield from self._gateways(gateways)
         yield from self._upstream()
 
-    def _broker(self, broker: Broker) -> Iterator[Metric]:
+    def _broker(self, broker: Broker, gateways: dict[str, dict[str, int]]) -> Iterator[Metric]:
         sessions_of_all: list[Session] = list(broker.sessions.values())
         m = broker.metrics
         upstream = self.app.upstream
@@ -774,9 +806,15 @@ class MetricsCollector(Collector):
             m.messages_published,
         )
         yield _wire_bytes(
-            "mqgate_bytes_received", "Bytes received on the wire, by protocol", m.bytes_received
+            "mqgate_bytes_received",
+            "Bytes received on the wire, by protocol",
+            m.bytes_received,
+            gateways,
+            "in",
         )
-        yield _wire_bytes("mqgate_bytes_sent", "Bytes sent on the wire, by protocol", m.bytes_sent)
+        yield _wire_bytes(
+            "mqgate_bytes_sent", "Bytes sent on the wire, by protocol", m.bytes_sent, gateways, "out"
+        )
         yield _counter("mqgate_packets_received", "MQTT packets received", m.packets_received)
         yield _counter("mqgate_packets_sent", "MQTT packets sent", m.packets_sent)
         yield _counter(
@@ -816,7 +854,7 @@ class MetricsCollector(Collector):
             denied.add_metric(["will"], stats.wills_denied)
             yield from (auth, denied)
 
-    def _gateways(self) -> Iterator[Metric]:
+    def _gateways(self, gateways: dict[str, dict[str, int]]) -> Iterator[Metric]:
         counters = CounterMetricFamily(
             "mqgate_gateway_events",
             "Gateway counters (datagrams, messages, drops by reason, retransmissions), by gateway listener",
@@ -830,15 +868,12 @@ class MetricsCollector(Collector):
         clients = GaugeMetricFamily(
             "mqgate_gateway_clients", "Clients known to each gateway listener", labels=["listener"]
         )
-        for listener_id, listener in self.app.listeners.items():
-            core = getattr(listener, "gateway", None)
-            if core is None:
-                continue
-            values = ApiServer._gateway_counters(core)
+        for listener_id, values in gateways.items():
             for event, value in sorted(values.items()):
                 counters.add_metric([listener_id, event], value)
             protocol = listener_id.split(":", 1)[0]
             retransmissions.add_metric([protocol, listener_id], values.get("retransmissions", 0))
+            core = getattr(self.app.listeners[listener_id], "gateway", None)
             clients.add_metric([listener_id], len(ApiServer._gateway_clients(protocol, core)))
         yield from (counters, retransmissions, clients)
 
@@ -883,10 +918,21 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def _wire_bytes(name: str, documentation: str, mqtt: int) -> CounterMetricFamily:
-    """Wire bytes: counted by the MQTT connections; the UDP gateways count datagrams instead."""
+def _wire_bytes(
+    name: str, documentation: str, mqtt: int, gateways: dict[str, dict[str, int]], direction: str
+) -> CounterMetricFamily:
+    """Wire bytes by protocol: MQTT's counted by the connections; a gateway's are the datagrams of its
+    listeners (``bytes_in``/``bytes_out``), over DTLS the records (``dtls_bytes_*``) rather than the
+    decrypted messages."""
+    totals = dict.fromkeys(PROTOCOLS, 0)
+    totals["mqtt"] = mqtt
+    for listener_id, counters in gateways.items():
+        protocol = listener_id.split(":", 1)[0]
+        wire = counters.get(f"dtls_bytes_{direction}", counters.get(f"bytes_{direction}", 0))
+        totals[protocol] = totals.get(protocol, 0) + wire
     family = CounterMetricFamily(name, documentation, labels=["protocol"])
-    family.add_metric(["mqtt"], mqtt)
+    for protocol, value in totals.items():
+        family.add_metric([protocol], value)
     return family
 
 

@@ -109,7 +109,7 @@ class App:
             if coap.dtls.enabled:
                 from gateways.coap.dtls import CoapDtlsGateway
 
-                dtls = CoapDtlsGateway(coap, gateway_broker)
+                dtls = CoapDtlsGateway(coap, gateway_broker, broker.access)
                 await self._start(dtls, "gateways.coap.dtls.bind", coap.dtls.bind)
             if lwm2m.enabled:
                 from gateways.lwm2m.adapter import LwM2mUdpGateway
@@ -118,7 +118,7 @@ class App:
             if lwm2m.dtls.enabled:
                 from gateways.lwm2m.adapter import LwM2mDtlsGateway
 
-                lwm2m_dtls = LwM2mDtlsGateway(lwm2m, gateway_broker)
+                lwm2m_dtls = LwM2mDtlsGateway(lwm2m, gateway_broker, broker.access)
                 await self._start(lwm2m_dtls, "gateways.lwm2m.dtls.bind", lwm2m.dtls.bind)
             for link in self.config.hardware.serial:
                 await self._start_serial(link, gateway_broker)
@@ -252,7 +252,7 @@ class App:
             from gateways.coap.dtls import CoapDtlsGateway
 
             coap = self.config.gateways.coap
-            new = CoapDtlsGateway(coap, gateway_broker)
+            new = CoapDtlsGateway(coap, gateway_broker, broker.access)
             await self._start(new, "gateways.coap.dtls.bind", coap.dtls.bind)
         elif name == "lwm2m:udp":
             from gateways.lwm2m.adapter import LwM2mUdpGateway
@@ -264,7 +264,7 @@ class App:
             from gateways.lwm2m.adapter import LwM2mDtlsGateway
 
             lwm2m = self.config.gateways.lwm2m
-            new = LwM2mDtlsGateway(lwm2m, gateway_broker)
+            new = LwM2mDtlsGateway(lwm2m, gateway_broker, broker.access)
             await self._start(new, "gateways.lwm2m.dtls.bind", lwm2m.dtls.bind)
         else:
             serial = self.config.hardware.serial

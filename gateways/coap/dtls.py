@@ -18,23 +18,30 @@ counted); a handshake not finished within ``handshake_timeout`` and a peer silen
 seconds are forgotten (their state freed). A failed handshake is logged once with the peer and the cause,
 counted, and its state freed; other peers are not affected. Records leave in datagrams of at most
 :data:`MTU` bytes (handshake messages are fragmented by Mbed TLS, §4.2.3).
+
+Repeated failures: each failed handshake also counts towards its address's ban (``auth.max_failures_per_min``,
+the :class:`AddressGuard`, as a failed TLS handshake does). A banned address's ClientHellos are dropped before
+any DTLS state exists (not even a HelloVerifyRequest), counted in ``banned_handshakes`` and logged once per
+peer. A spoofed address cannot be banned this way: state, and so a failure, needs the cookie round trip.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from typing import Protocol
 
 from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
 
 from core.config import CoapConfig, DtlsConfig, parse_bind
 from core.errors import ConfigError
+from core.logging import PeerLog, format_peer
 from gateways.base import Broker
 from gateways.coap.adapter import CoapUdpGateway
 from gateways.udp import DatagramCore
 
-__all__ = ["MTU", "CoapDtlsGateway", "DtlsDatagramCore", "server_context"]
+__all__ = ["MTU", "AddressGuard", "CoapDtlsGateway", "DtlsDatagramCore", "server_context"]
 
 log = logging.getLogger("mqgate.coap")
 
@@ -45,6 +52,15 @@ _HEADER = 13  # RFC 6347 §4.1: type, version, epoch, sequence number, length
 _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
+
+
+class AddressGuard(Protocol):
+    """Bans addresses with too many failures (:class:`core.auth.access.AccessControl`); peers are
+    ``host:port`` strings."""
+
+    def refuses_address(self, peer: str) -> bool: ...
+
+    def handshake_failed(self, peer: str) -> None: ...
 
 
 def server_context(settings: DtlsConfig, key: str) -> tls.ServerContext:
@@ -161,6 +177,7 @@ class DtlsDatagramCore:
         handshake_timeout: float = 30.0,
         idle_timeout: float = 300.0,
         logger: logging.Logger = log,
+        guard: AddressGuard | None = None,
     ) -> None:
         self.inner = inner
         self.context = context
@@ -169,11 +186,16 @@ class DtlsDatagramCore:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.log = logger
+        self.guard = guard
         self.dropped_peers = 0  # new peers refused because max_peers was reached
         self.ignored_datagrams = 0  # datagrams from unknown peers that do not open a handshake
         self.handshakes = 0  # completed
         self.handshake_failures = 0  # wrong key, unknown CA, missing certificate, timeout, bad records
         self.unsent_datagrams = 0  # the inner core's datagrams to peers without a DTLS session (forgotten)
+        self.banned_handshakes = 0  # ClientHellos dropped: the address is banned (auth.max_failures_per_min)
+        self.bytes_in = 0  # wire bytes: every datagram received, every record sent
+        self.bytes_out = 0
+        self._banned_log = PeerLog(logger, "dtls")
         self._peers: dict[Hashable, _Peer] = {}
         self._out: list[tuple[Hashable, bytes]] = []
         self._scratch = bytearray(_RING)
@@ -181,9 +203,14 @@ class DtlsDatagramCore:
 
     @classmethod
     def from_config(
-        cls, inner: DatagramCore, settings: DtlsConfig, key: str, logger: logging.Logger = log
+        cls,
+        inner: DatagramCore,
+        settings: DtlsConfig,
+        key: str,
+        logger: logging.Logger = log,
+        guard: AddressGuard | None = None,
     ) -> DtlsDatagramCore:
-        """The core for a ``[gateways.*.dtls]`` section named ``key``."""
+        """The core for a ``[gateways.*.dtls]`` section named ``key``; ``guard`` bans failing addresses."""
         return cls(
             inner,
             server_context(settings, key),
@@ -192,11 +219,13 @@ class DtlsDatagramCore:
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
             logger=logger,
+            guard=guard,
         )
 
     # --- DatagramCore
 
     def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
+        self.bytes_in += len(data)
         if len(data) > _RING:
             self.ignored_datagrams += 1
             return
@@ -223,7 +252,9 @@ class DtlsDatagramCore:
             try:
                 state.context.write(message)
             except TLSError as exc:
-                self.log.info("dtls %s: %d-byte datagram not sent: %s", _text(peer), len(message), exc.msg)
+                self.log.info(
+                    "dtls %s: %d-byte datagram not sent: %s", format_peer(peer), len(message), exc.msg
+                )
                 continue
             self._drain(state)
         out, self._out = self._out, []
@@ -262,12 +293,18 @@ class DtlsDatagramCore:
         if not _is_client_hello(data):
             self.ignored_datagrams += 1
             return
+        if self.guard is not None:
+            address = format_peer(peer)
+            if self.guard.refuses_address(address):
+                self.banned_handshakes += 1
+                self._banned_log.warning(address, "ClientHello dropped: too many authentication failures")
+                return
         if len(self._peers) >= self.max_peers:
             self.dropped_peers += 1
             return
         context = self.context.wrap_buffers()
         context.setmtu(MTU)
-        context.setcookieparam(_text(peer).encode())
+        context.setcookieparam(format_peer(peer).encode())
         state = _Peer(peer, context, now)
         context.receive_from_network(data)
         if self._handshake(state, now):
@@ -302,7 +339,7 @@ class DtlsDatagramCore:
                 return False
             state.established = True
             self.handshakes += 1
-            self.log.debug("dtls %s: handshake done, %s", _text(state.address), context.cipher())
+            self.log.debug("dtls %s: handshake done, %s", format_peer(state.address), context.cipher())
         return True
 
     def _read(self, state: _Peer, now: float) -> None:
@@ -315,7 +352,7 @@ class DtlsDatagramCore:
             except TLSError as exc:
                 self._drain(state)
                 if getattr(exc, "err", None) == _CLOSE_NOTIFY:
-                    self.log.debug("dtls %s: closed by the peer", _text(state.address))
+                    self.log.debug("dtls %s: closed by the peer", format_peer(state.address))
                     self._forget(state.address)
                 else:
                     self._fail(state, exc.msg)
@@ -326,12 +363,15 @@ class DtlsDatagramCore:
         records = state.context.peek_outgoing(_RING)
         if records:
             state.context.consume_outgoing(len(records))
+            self.bytes_out += len(records)
             self._out.extend((state.address, datagram) for datagram in _datagrams(records))
 
     def _fail(self, state: _Peer, cause: str) -> None:
         self.handshake_failures += 1
-        self.log.warning("dtls %s: refused: %s", _text(state.address), cause)
+        self.log.warning("dtls %s: refused: %s", format_peer(state.address), cause)
         self._forget(state.address)
+        if self.guard is not None:
+            self.guard.handshake_failed(format_peer(state.address))
 
     def _forget(self, peer: Hashable) -> None:
         self._peers.pop(peer, None)
@@ -350,21 +390,15 @@ class DtlsDatagramCore:
                 self._handshake(state, now)
 
 
-def _text(peer: Hashable) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
-
-
 class CoapDtlsGateway(CoapUdpGateway):
     """``gateways.coap.dtls``: the CoAP gateway on a DTLS socket, ``coaps://``."""
 
     name = "coap:dtls"
 
-    def __init__(self, config: CoapConfig, broker: Broker) -> None:
+    def __init__(self, config: CoapConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
         super().__init__(config, broker)
         self.host, self.port = parse_bind(config.dtls.bind, "gateways.coap.dtls.bind")
-        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.coap.dtls")
+        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.coap.dtls", guard=guard)
         self.core = self.dtls
 
     def peer_certificate(self, peer: Hashable) -> bytes | None:

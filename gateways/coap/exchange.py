@@ -97,6 +97,8 @@ class EndpointMetrics:
 
     datagrams_in: int = 0
     datagrams_out: int = 0
+    bytes_in: int = 0  # the datagrams' bytes (over DTLS: the decrypted CoAP messages)
+    bytes_out: int = 0
     malformed: int = 0
     duplicates: int = 0
     retransmissions: int = 0
@@ -174,7 +176,9 @@ class CoapEndpoint:
 
     def _send(self, peer: Hashable, data: bytes) -> None:
         self._outbox.append((peer, data))
-        self.metrics.datagrams_out += 1
+        metrics = self.metrics
+        metrics.datagrams_out += 1
+        metrics.bytes_out += len(data)
 
     def next_mid(self) -> int:
         mid = self._next_mid
@@ -185,7 +189,9 @@ class CoapEndpoint:
 
     def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> Event | None:
         """Decode one datagram and return what it means for the application, if anything."""
-        self.metrics.datagrams_in += 1
+        metrics = self.metrics
+        metrics.datagrams_in += 1
+        metrics.bytes_in += len(data)
         try:
             msg = codec.decode(data)
         except CoapFormatError as exc:

@@ -12,7 +12,7 @@ from core.config import LwM2mConfig, parse_bind
 from core.logging import client_fields, format_peer
 from gateways.base import Broker, SessionRefused
 from gateways.coap.adapter import describe_coap
-from gateways.coap.dtls import DtlsDatagramCore
+from gateways.coap.dtls import AddressGuard, DtlsDatagramCore
 from gateways.lwm2m.gateway import LwM2mGateway, SessionRequest
 from gateways.lwm2m.objects import ObjectRegistry
 from gateways.udp import UdpGatewayAdapter
@@ -106,10 +106,10 @@ class LwM2mDtlsGateway(LwM2mUdpGateway):
 
     name = "lwm2m:dtls"
 
-    def __init__(self, config: LwM2mConfig, broker: Broker) -> None:
+    def __init__(self, config: LwM2mConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
         super().__init__(config, broker)
         self.host, self.port = parse_bind(config.dtls.bind, "gateways.lwm2m.dtls.bind")
-        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.lwm2m.dtls", log)
+        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.lwm2m.dtls", log, guard)
         self.core = self.dtls
 
     def peer_certificate(self, peer: Hashable) -> bytes | None:

@@ -47,6 +47,8 @@ class MqttSnMetrics:
 
     datagrams_in: int = 0
     datagrams_out: int = 0
+    bytes_in: int = 0  # wire bytes of the datagrams (forwarder encapsulation included)
+    bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
     malformed: int = 0
@@ -97,7 +99,9 @@ class MqttSnGateway:
         if not self._outbox and self.on_output is not None:
             self.on_output()
         self._outbox.append((peer, data))
-        self.metrics.datagrams_out += 1
+        metrics = self.metrics
+        metrics.datagrams_out += 1
+        metrics.bytes_out += len(data)
 
     def schedule(self, channel: MqttSnChannel, deadline: float) -> None:
         if channel.scheduled is None or deadline < channel.scheduled:
@@ -153,12 +157,18 @@ class MqttSnGateway:
         return self.by_client.get(channel.client_id) is channel
 
     def advertise(self) -> bytes:
-        """ADVERTISE with the gateway id and the seconds until the next one (§5.4.1)."""
-        return codec.encode(codec.Advertise(self.config.gateway_id, self.config.advertise_interval))
+        """ADVERTISE with the gateway id and the seconds until the next one (§5.4.1), counted as sent: the
+        adapter broadcasts it."""
+        data = codec.encode(codec.Advertise(self.config.gateway_id, self.config.advertise_interval))
+        self.metrics.datagrams_out += 1
+        self.metrics.bytes_out += len(data)
+        return data
 
     def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
         """Handle one datagram from ``peer``; bad input is dropped, counted and logged once per peer."""
-        self.metrics.datagrams_in += 1
+        metrics = self.metrics
+        metrics.datagrams_in += 1
+        metrics.bytes_in += len(data)
         try:
             message = codec.decode(data)
             if isinstance(message, codec.Encapsulated):

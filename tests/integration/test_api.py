@@ -23,6 +23,9 @@ from typing import Any
 import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from gateways.coap.numbers import Code
 from gateways.mqttsn import codec
@@ -363,6 +366,19 @@ def test_listener_restarts_on_a_new_port_while_the_gateway_client_stays_connecte
     device.expect(codec.Pingresp)
     state = mqgate.call(lambda: gateway_of(mqgate).by_client["stays-connected"].state)
     assert state is ChannelState.ACTIVE
+
+
+def test_listeners_show_the_failed_handshakes_of_a_websocket_listener(start_broker: Any) -> None:
+    ws = {"enabled": True, "bind": "127.0.0.1:0", "allowed_origins": ["https://app.example.com"]}
+    running = start_broker(listeners={"ws": ws})
+    api = api_of(running)
+    address = running.app.listeners["mqtt:ws"].address
+    with pytest.raises(InvalidStatus):
+        connect(f"ws://{address}/mqtt", origin=Origin("https://evil.example.net"), open_timeout=TIMEOUT)
+    listeners = {item["id"]: item for item in api.get("/api/v5/listeners")}
+    assert listeners["mqtt:ws"]["handshake_failures"] == 1
+    assert "handshake_failures" not in listeners["mqtt:tcp"]  # plain TCP has no handshake
+    assert "handshake_failures" not in listeners["coap:udp"]
 
 
 def test_restart_of_an_unknown_listener_is_404(mqgate: Any) -> None:

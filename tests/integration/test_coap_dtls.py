@@ -17,15 +17,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from mbedtls import tls
 
+from core.auth.access import AccessControl
+from core.clock import FakeClock
+from core.config import AuthConfig
 from core.errors import ConfigError
 from gateways.coap.dtls import MTU, DtlsDatagramCore, _datagrams
 from tests.conftest import RunningBroker
 from tests.integration.helpers import TIMEOUT, Clients
+from tests.integration.test_api import api_of, metrics_of, sample
 from tests.integration.tls_helpers import issue, write_pair
 
 StartBroker = Callable[..., RunningBroker]
 
 PSK = {"sensor-1": "s3cret-key"}
+DTLS_PSK = {"enabled": True, "bind": "127.0.0.1:0", "psk": PSK}
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,11 @@ def coaps(
     credentials: list[str],
     payload: str = "",
     wait: int = 3,
+    source: str = "127.0.0.1",
 ) -> subprocess.CompletedProcess[str]:
-    """One libcoap request over DTLS with ``credentials`` (``-u ID -k KEY`` or ``-c CERT -j KEY -C CA``)."""
-    args = [tool, "-B", str(wait), *credentials, "-m", method]
+    """One libcoap request over DTLS with ``credentials`` (``-u ID -k KEY`` or ``-c CERT -j KEY -C CA``),
+    sent from the local address ``source``."""
+    args = [tool, "-a", source, "-B", str(wait), *credentials, "-m", method]
     if payload:
         args += ["-e", payload]
     return subprocess.run(
@@ -245,6 +252,56 @@ def test_coaps_without_a_client_certificate_is_refused_when_one_is_required(
     assert broker.call(lambda: dtls_core(broker, "coap:dtls").handshake_failures) == 1
 
 
+def test_an_address_whose_dtls_handshakes_keep_failing_is_banned_and_others_go_on(
+    start_broker: StartBroker, clients: Clients, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = start_broker(auth={"max_failures_per_min": 2}, gateways={"coap": {"dtls": {**DTLS_PSK}}})
+    mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5)
+    assert mqtt.subscribe("dtls/#", 1) == 1
+    port = _port(broker)
+    for attempt in range(2):
+        wrong = coaps(
+            port, "put", "mqtt/dtls/x?c=x", credentials=psk_credentials("wrong"), payload="x", wait=1
+        )
+        assert "2.04" not in wrong.stdout
+        assert broker.call(lambda: dtls_core(broker, "coap:dtls").handshake_failures) == attempt + 1
+    with caplog.at_level(logging.WARNING, logger="mqgate.coap"):
+        for _ in range(2):  # banned: even the right key gets no answer, not even a HelloVerifyRequest
+            refused = coaps(port, "put", "mqtt/dtls/b?c=sensor-1", credentials=psk_credentials(), wait=1)
+            assert "2.04" not in refused.stdout
+    core = dtls_core(broker, "coap:dtls")
+    assert broker.call(lambda: (core.handshake_failures, core.peers)) == (2, 0)
+    assert broker.call(lambda: core.banned_handshakes) >= 2  # every ClientHello of both tries (retransmitted)
+    banned_logs = [r for r in caplog.records if "too many authentication failures" in r.message]
+    assert len(banned_logs) == 2 and "dtls 127.0.0.1:" in banned_logs[0].message  # once per peer (port)
+    stats = broker.call(lambda: broker.broker.access.stats)
+    assert stats.handshake_failure == 2 and stats.auth_banned == core.banned_handshakes
+    # another address is not affected
+    good = coaps(
+        port, "put", "mqtt/dtls/g?c=sensor-1", credentials=psk_credentials(), payload="g", source="127.0.0.2"
+    )
+    assert good.returncode == 0, good.stderr
+    message = mqtt.messages.get(timeout=TIMEOUT)
+    assert (message.topic, message.payload) == ("dtls/g", b"g")
+    assert mqtt.messages.empty()
+    # the DTLS counters in the API and /metrics; coap's wire bytes are the DTLS records
+    api = api_of(broker)
+    counters = api.get("/api/v5/gateways/coap")["counters"]
+    banned = broker.call(lambda: core.banned_handshakes)
+    assert (counters["dtls_handshakes"], counters["dtls_handshake_failures"]) == (1, 2)
+    assert counters["dtls_banned_handshakes"] == banned
+    listeners = {item["id"]: item for item in api.get("/api/v5/listeners")}
+    assert listeners["coap:dtls"]["handshake_failures"] == 2
+    families = metrics_of(api)
+    events = {"listener": "coap:dtls", "event": "dtls_banned_handshakes"}
+    assert sample(families, "mqgate_gateway_events", **events) == banned
+    assert sample(families, "mqgate_auth", result="handshake_failure") == 2
+    wire = broker.call(lambda: (core.bytes_in, core.bytes_out))
+    assert wire[0] > counters["bytes_in"] > 0  # the records, not the decrypted CoAP messages
+    assert sample(families, "mqgate_bytes_received", protocol="coap") == wire[0]
+    assert sample(families, "mqgate_bytes_sent", protocol="coap") == wire[1]
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [
@@ -344,6 +401,7 @@ class _Client:
         configuration = tls.DTLSConfiguration(validate_certificates=False, pre_shared_key=("sensor-1", key))
         self.tls = tls.ClientContext(configuration).wrap_buffers(None)
         self.failed = False
+        self.bytes_sent = self.bytes_received = 0  # the datagrams carried by _exchange
 
     def flight(self) -> bytes:
         """Run the handshake as far as the input allows; the records to send."""
@@ -372,10 +430,12 @@ class _Client:
 
     def _exchange(self, records: bytes, now: float) -> None:
         if records:
+            self.bytes_sent += len(records)
             self.server.receive_datagram(records, self.peer, now)
         for peer, data in self.server.datagrams_to_send():
             assert peer == self.peer
             assert len(data) <= MTU
+            self.bytes_received += len(data)
             self.tls.receive_from_network(data)
             self._exchange(self.flight(), now)
             self._read()
@@ -440,6 +500,38 @@ def test_dtls_core_failed_handshake_leaves_an_established_peer_working() -> None
     good.send(b"still here", 1.0)
     assert good.plain == [b"echo:still here"]
     assert (core.peers, core.handshake_failures) == (1, 1)
+
+
+def test_dtls_core_bans_an_address_whose_handshakes_fail_until_the_minute_passes() -> None:
+    clock = FakeClock()
+    access = AccessControl(AuthConfig(max_failures_per_min=3), clock=clock.now)
+    inner = _EchoCore()
+    core = _psk_server(inner, guard=access)
+    for port in range(40010, 40013):
+        assert not _Client(core, ("127.0.0.1", port), key=b"wrong").handshake(clock.now())
+    assert (core.handshake_failures, access.stats.handshake_failure) == (3, 3)
+    clock.advance(30.0)
+    banned = _Client(core, ("127.0.0.1", 40013))
+    core.receive_datagram(banned.flight(), banned.peer, clock.now())
+    assert core.datagrams_to_send() == []  # no HelloVerifyRequest: nothing at all is kept or sent
+    assert (core.banned_handshakes, access.stats.auth_banned, core.peers) == (1, 1, 0)
+    assert _Client(core, ("127.0.0.2", 40013)).handshake(clock.now())  # another address
+    clock.advance(30.0)  # a minute after the failures: the ban is over
+    late = _Client(core, ("127.0.0.1", 40014))
+    assert late.handshake(clock.now())
+    late.send(b"back", clock.now())
+    assert late.plain == [b"echo:back"]
+    assert (core.handshakes, core.banned_handshakes) == (2, 1)
+
+
+def test_dtls_core_counts_the_wire_bytes_of_the_records() -> None:
+    core = _psk_server(_EchoCore())
+    client = _Client(core, ("127.0.0.1", 40015))
+    assert client.handshake(0.0)
+    client.send(b"x" * 100, 1.0)
+    assert client.plain == [b"echo:" + b"x" * 100]
+    assert core.bytes_in == client.bytes_sent > 100
+    assert core.bytes_out == client.bytes_received > 105
 
 
 def test_dtls_core_ignores_datagrams_that_open_no_handshake() -> None:

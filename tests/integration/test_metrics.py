@@ -7,6 +7,7 @@ $SYS mirror is read by an MQTT subscriber. Edge mode counts the devices' traffic
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -16,11 +17,13 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from gateways.coap.numbers import Code
+from gateways.coap import codec as coap_codec
+from gateways.coap.codec import CoapMessage
+from gateways.coap.numbers import Code, OptionNumber
 from gateways.mqttsn import codec
 from gateways.mqttsn.numbers import TopicIdType
-from tests.integration.coap_helpers import CON, RawCoap, coap_port
-from tests.integration.helpers import Clients, wait_for
+from tests.integration.coap_helpers import ACK, CON, RST, RawCoap, coap_port, path_options, query_options
+from tests.integration.helpers import TIMEOUT, Clients, wait_for
 from tests.integration.lwm2m_device import SimulatedDevice
 from tests.integration.mqttsn_helpers import SnClients, sn_port
 from tests.integration.test_api import api_of, metrics_of, sample
@@ -198,3 +201,84 @@ def test_edge_mode_counts_the_devices_traffic(start_broker: Any, owned: ExitStac
     assert sample(at_edge, "mqgate_upstream_connected") == 1
     at_upstream = metrics_of(api_of(upstream))
     assert traffic(at_upstream, "received") == {("mqtt", 0): (1, 5), ("mqtt", 1): (3, 35)}
+
+
+class WireTally:
+    """A UDP peer that adds up the bytes of every datagram it sends and receives."""
+
+    def __init__(self, port: int) -> None:
+        self.server = ("127.0.0.1", port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(TIMEOUT)
+        self.sent = self.received = 0
+
+    def exchange(self, data: bytes) -> bytes:
+        """Send ``data``; the first datagram that comes back."""
+        self.sock.sendto(data, self.server)
+        self.sent += len(data)
+        answer, _ = self.sock.recvfrom(65535)
+        self.received += len(answer)
+        return answer
+
+    def coap(self, message: CoapMessage) -> CoapMessage:
+        """A CON exchange: every datagram up to the ACK or RST of ``message`` (a CoAP ping included)."""
+        answer = coap_codec.decode(self.exchange(coap_codec.encode(message)))
+        while answer.mtype not in (ACK, RST) or answer.mid != message.mid:
+            data, _ = self.sock.recvfrom(65535)
+            self.received += len(data)
+            answer = coap_codec.decode(data)
+        return answer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wire_bytes(families: dict[str, Any], protocol: str) -> tuple[int, int]:
+    return (
+        int(sample(families, "mqgate_bytes_received", protocol=protocol)),
+        int(sample(families, "mqgate_bytes_sent", protocol=protocol)),
+    )
+
+
+def test_wire_bytes_of_the_udp_gateways_are_the_datagrams_sizes(mqgate: Any, owned: ExitStack) -> None:
+    api = api_of(mqgate)
+    before = {p: wire_bytes(metrics_of(api), p) for p in ("mqttsn", "coap", "lwm2m")}
+    assert before == dict.fromkeys(before, (0, 0))
+    sn = WireTally(sn_port(mqgate))
+    owned.callback(sn.close)
+    assert isinstance(codec.decode(sn.exchange(codec.encode(codec.Connect("w-sn", 60)))), codec.Connack)
+    assert isinstance(codec.decode(sn.exchange(codec.encode(codec.Pingreq()))), codec.Pingresp)
+    assert isinstance(codec.decode(sn.exchange(codec.encode(codec.Disconnect()))), codec.Disconnect)
+    sn.sock.sendto(b"\x02", sn.server)  # malformed: dropped, but its byte came in over the wire
+    sn.sent += 1
+
+    coap = WireTally(coap_port(mqgate))
+    owned.callback(coap.close)
+    options = path_options("mqtt/wire/coap") + query_options({"c": "w-coap"})
+    put = CoapMessage(CON, int(Code.PUT), 0x1201, b"tk01", options, b"21.5")
+    assert coap.coap(put).code == Code.CHANGED
+    assert coap.coap(CoapMessage(CON, 0, 0x1202)).mtype == RST  # a CoAP ping
+
+    lwm2m = WireTally(mqgate.app.listeners["lwm2m:udp"].port)
+    owned.callback(lwm2m.close)
+    format_link = (int(OptionNumber.CONTENT_FORMAT), coap_codec.encode_uint(40))
+    options = path_options("rd") + query_options({"ep": "w-ep", "lt": "60"}) + [format_link]
+    created = lwm2m.coap(CoapMessage(CON, int(Code.POST), 0x2201, b"tk02", options, b"</3/0>"))
+    assert created.code == Code.CREATED
+    location = [
+        (int(OptionNumber.URI_PATH), value) for n, value in created.options if n == OptionNumber.LOCATION_PATH
+    ]
+    deleted = lwm2m.coap(CoapMessage(CON, int(Code.DELETE), 0x2202, b"tk03", location))  # de-register
+    assert deleted.code == Code.DELETED
+    assert lwm2m.coap(CoapMessage(CON, 0, 0x2203)).mtype == RST
+
+    expected = {
+        "mqttsn": (sn.sent, sn.received),
+        "coap": (coap.sent, coap.received),
+        "lwm2m": (lwm2m.sent, lwm2m.received),
+    }
+    wait_for(lambda: {p: wire_bytes(metrics_of(api), p) for p in expected} == expected)
+    families = metrics_of(api)
+    assert sample(families, "mqgate_gateway_events", listener="coap:udp", event="bytes_in") == coap.sent
+    assert sample(families, "mqgate_gateway_events", listener="mqttsn:udp", event="bytes_out") == sn.received
