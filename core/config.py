@@ -346,7 +346,7 @@ class CoapConfig:
     connection_required: bool = False  # only /mqtt/connection clients may publish and subscribe
     heartbeat: float = field(default=30.0, metadata={"min": 1.0})  # connections silent 1.5x this are closed
     notify_type: str = field(default="qos", metadata={"choices": ("non", "con", "qos")})
-    max_inflight: int = field(default=1, metadata={"min": 1, "max": 65535})  # CON notifications per client
+    max_inflight: int = field(default=1, metadata={"min": 1, "max": 65535})  # QoS 1/2 deliveries per client
     exchange_lifetime: float = field(default=247.0, metadata={"min": 1.0})  # RFC 7252 §4.8.2
     max_dedup_entries: int = field(default=100_000, metadata={"min": 1})
     max_dedup_bytes: int = field(default=16 * 1024 * 1024, metadata={"min": 1024})
