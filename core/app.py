@@ -107,7 +107,7 @@ class App:
 
                 await self._start(CoapUdpGateway(coap, gateway_broker), "gateways.coap.bind", coap.bind)
             if coap.dtls.enabled:
-                from gateways.coap.dtls import CoapDtlsGateway
+                from gateways.coap.adapter import CoapDtlsGateway
 
                 dtls = CoapDtlsGateway(coap, gateway_broker, broker.access)
                 await self._start(dtls, "gateways.coap.dtls.bind", coap.dtls.bind)
@@ -249,7 +249,7 @@ class App:
             new = CoapUdpGateway(coap, gateway_broker)
             await self._start(new, "gateways.coap.bind", coap.bind)
         elif name == "coap:dtls":
-            from gateways.coap.dtls import CoapDtlsGateway
+            from gateways.coap.adapter import CoapDtlsGateway
 
             coap = self.config.gateways.coap
             new = CoapDtlsGateway(coap, gateway_broker, broker.access)

@@ -1,43 +1,94 @@
-"""The CoAP gateway on a UDP socket: the thin asyncio adapter around :class:`CoapGateway`."""
+"""The CoAP gateway on a UDP or DTLS socket: the thin asyncio adapter around :class:`CoapGateway`, and the
+adapter base it shares with the LwM2M gateway."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from abc import abstractmethod
 from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
-from core.config import CoapConfig, parse_bind
+from core.config import CoapConfig, DtlsConfig, parse_bind
 from core.errors import MalformedPacket
 from core.logging import client_fields, format_peer
 from gateways.base import Broker, SessionRefused
+from gateways.coap.application import CoapApplication
 from gateways.coap.codec import decode
+from gateways.coap.dtls import AddressGuard, DtlsDatagramCore
 from gateways.coap.gateway import CoapGateway, SessionRequest
 from gateways.coap.numbers import Code, Type, code_name, is_request
 from gateways.udp import UdpGatewayAdapter
 
-__all__ = ["CoapUdpGateway", "describe_coap"]
+__all__ = ["CoapDtlsGateway", "CoapFamilyAdapter", "CoapUdpGateway", "describe_coap"]
 
 log = logging.getLogger("mqgate.coap")
 
+R = TypeVar("R")
 
-class CoapUdpGateway(UdpGatewayAdapter):
+
+class CoapFamilyAdapter(UdpGatewayAdapter, Generic[R]):
+    """What the CoAP and LwM2M adapters share: a :class:`CoapApplication` whose session requests each get one
+    task, packet tracing of its clients' datagrams, and the optional DTLS layer (:meth:`use_dtls`)."""
+
+    gateway: CoapApplication[R]
+    clientid_prefix: str
+    dtls: DtlsDatagramCore | None = None
+
+    def _start_work(self) -> None:
+        for request in self.gateway.take_session_requests():
+            self.spawn(self._open_session(request))
+
+    @abstractmethod
+    async def _open_session(self, request: R) -> None: ...
+
+    @abstractmethod
+    def _peer_of(self, local_id: str) -> Hashable | None:
+        """The address of the gateway's client (CoAP client id, LwM2M endpoint name) ``local_id``."""
+
+    def use_dtls(
+        self, settings: DtlsConfig, key: str, logger: logging.Logger, guard: AddressGuard | None
+    ) -> None:
+        """Serve on the ``[key]`` DTLS socket instead: the application sees authenticated peers' plaintext."""
+        self.host, self.port = parse_bind(settings.bind, f"{key}.bind")
+        self.dtls = DtlsDatagramCore.from_config(self.gateway, settings, key, logger, guard)
+        self.core = self.dtls
+
+    def trace_peer(self, client_id: str) -> Hashable | None:
+        """The peer of broker client id ``client_id``; None over DTLS, whose datagrams are ciphertext."""
+        prefix = self.clientid_prefix
+        if self.dtls is not None or not client_id.startswith(prefix):
+            return None
+        return self._peer_of(client_id[len(prefix) :])
+
+    def describe_datagram(self, data: bytes) -> str:
+        return describe_coap(data)
+
+    def peer_certificate(self, peer: Hashable) -> bytes | None:
+        """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
+        return None if self.dtls is None else self.dtls.peer_certificate(peer)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.gateway.shutdown()
+
+
+class CoapUdpGateway(CoapFamilyAdapter[SessionRequest]):
     """``gateways.coap.bind``: CoAP clients publish, observe-subscribe and read through the broker."""
 
     name = "coap:udp"
     trace_protocol = "coap"
+    gateway: CoapGateway
 
     def __init__(self, config: CoapConfig, broker: Broker) -> None:
         self.gateway = CoapGateway(config, LoopClock(asyncio.get_running_loop()))
         super().__init__(self.gateway, *parse_bind(config.bind, "gateways.coap.bind"))
         self.gateway.on_output = self.schedule_flush
         self.config = config
+        self.clientid_prefix = config.clientid_prefix
         self.broker = broker
-
-    def _start_work(self) -> None:
-        for request in self.gateway.take_session_requests():
-            self.spawn(self._open_session(request))
 
     async def _open_session(self, request: SessionRequest) -> None:
         gateway = self.gateway
@@ -77,25 +128,19 @@ class CoapUdpGateway(UdpGatewayAdapter):
         finally:
             self.flush()
 
-    def trace_peer(self, client_id: str) -> Hashable | None:
-        """The peer of the client of broker client id ``client_id``; None over DTLS, whose datagrams are
-        ciphertext (the socket's core is then not the CoAP gateway itself)."""
-        prefix = self.config.clientid_prefix
-        if self.core is not self.gateway or not client_id.startswith(prefix):
-            return None
-        client = self.gateway.clients.get(client_id[len(prefix) :])
+    def _peer_of(self, local_id: str) -> Hashable | None:
+        client = self.gateway.clients.get(local_id)
         return None if client is None else client.peer
 
-    def describe_datagram(self, data: bytes) -> str:
-        return describe_coap(data)
 
-    def peer_certificate(self, peer: Hashable) -> bytes | None:
-        """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
-        return None
+class CoapDtlsGateway(CoapUdpGateway):
+    """``gateways.coap.dtls``: the CoAP gateway on a DTLS socket, ``coaps://`` (RFC 7252 §9.1)."""
 
-    async def stop(self) -> None:
-        await super().stop()
-        self.gateway.shutdown()
+    name = "coap:dtls"
+
+    def __init__(self, config: CoapConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
+        super().__init__(config, broker)
+        self.use_dtls(config.dtls, "gateways.coap.dtls", log, guard)
 
 
 def describe_coap(data: bytes) -> str:

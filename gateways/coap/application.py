@@ -26,6 +26,10 @@ class CoapApplication(ABC, Generic[R]):
         self._session_requests: list[R] = []
         self._next_sweep = now + sweep_interval
 
+    @abstractmethod
+    def shutdown(self) -> None:
+        """End every client at once (mqgate stops)."""
+
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 

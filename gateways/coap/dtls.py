@@ -4,7 +4,7 @@ Each peer has an Mbed TLS context driven without sockets (``TLSWrappedBuffer``):
 ``receive_from_network``, handshake steps run with ``do_handshake``, decrypted application data comes out of
 ``readinto`` and the records to send out of ``peek_outgoing``/``consume_outgoing``. :class:`DtlsDatagramCore`
 wraps any :class:`gateways.udp.DatagramCore` that way, so the CoAP engine sees plain CoAP datagrams from
-authenticated peers only; :class:`CoapDtlsGateway` is the CoAP gateway on such a socket.
+authenticated peers only; :class:`gateways.coap.adapter.CoapDtlsGateway` is the CoAP gateway on such a socket.
 
 Credentials: pre-shared keys (RFC 7252 §9.1.3.1, ``psk`` identity -> key) and X.509 certificates
 (§9.1.3.3, ``certfile``/``keyfile``, client certificates checked against ``cacertfile`` with
@@ -34,14 +34,12 @@ from typing import Protocol
 from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
 
-from core.config import CoapConfig, DtlsConfig, parse_bind
+from core.config import DtlsConfig
 from core.errors import ConfigError
 from core.logging import PeerLog, format_peer
-from gateways.base import Broker
-from gateways.coap.adapter import CoapUdpGateway
 from gateways.udp import DatagramCore
 
-__all__ = ["MTU", "AddressGuard", "CoapDtlsGateway", "DtlsDatagramCore", "server_context"]
+__all__ = ["MTU", "AddressGuard", "DtlsDatagramCore", "server_context"]
 
 log = logging.getLogger("mqgate.coap")
 
@@ -388,18 +386,3 @@ class DtlsDatagramCore:
                 self._fail(state, "handshake not finished in time")
             else:
                 self._handshake(state, now)
-
-
-class CoapDtlsGateway(CoapUdpGateway):
-    """``gateways.coap.dtls``: the CoAP gateway on a DTLS socket, ``coaps://``."""
-
-    name = "coap:dtls"
-
-    def __init__(self, config: CoapConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
-        super().__init__(config, broker)
-        self.host, self.port = parse_bind(config.dtls.bind, "gateways.coap.dtls.bind")
-        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.coap.dtls", guard=guard)
-        self.core = self.dtls
-
-    def peer_certificate(self, peer: Hashable) -> bytes | None:
-        return self.dtls.peer_certificate(peer)

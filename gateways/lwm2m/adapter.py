@@ -11,22 +11,22 @@ from core.clock import LoopClock
 from core.config import LwM2mConfig, parse_bind
 from core.logging import client_fields, format_peer
 from gateways.base import Broker, SessionRefused
-from gateways.coap.adapter import describe_coap
-from gateways.coap.dtls import AddressGuard, DtlsDatagramCore
+from gateways.coap.adapter import CoapFamilyAdapter
+from gateways.coap.dtls import AddressGuard
 from gateways.lwm2m.gateway import LwM2mGateway, SessionRequest
 from gateways.lwm2m.objects import ObjectRegistry
-from gateways.udp import UdpGatewayAdapter
 
 __all__ = ["LwM2mDtlsGateway", "LwM2mUdpGateway"]
 
 log = logging.getLogger("mqgate.lwm2m")
 
 
-class LwM2mUdpGateway(UdpGatewayAdapter):
+class LwM2mUdpGateway(CoapFamilyAdapter[SessionRequest]):
     """``gateways.lwm2m.bind``: LwM2M devices register here and are managed through MQTT."""
 
     name = "lwm2m:udp"
     trace_protocol = "lwm2m"
+    gateway: LwM2mGateway
 
     def __init__(self, config: LwM2mConfig, broker: Broker) -> None:
         registry = ObjectRegistry.default()
@@ -37,11 +37,8 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
         super().__init__(self.gateway, *parse_bind(config.bind, "gateways.lwm2m.bind"))
         self.gateway.on_output = self.schedule_flush
         self.config = config
+        self.clientid_prefix = config.clientid_prefix
         self.broker = broker
-
-    def _start_work(self) -> None:
-        for request in self.gateway.take_session_requests():
-            self.spawn(self._open_session(request))
 
     async def _open_session(self, request: SessionRequest) -> None:
         device = request.device
@@ -80,24 +77,9 @@ class LwM2mUdpGateway(UdpGatewayAdapter):
         finally:
             self.flush()
 
-    def trace_peer(self, client_id: str) -> Hashable | None:
-        """The peer of the device of broker client id ``client_id`` (its endpoint name, prefixed)."""
-        prefix = self.config.clientid_prefix
-        if self.core is not self.gateway or not client_id.startswith(prefix):
-            return None
-        device = self.gateway.devices.get(client_id[len(prefix) :])
+    def _peer_of(self, local_id: str) -> Hashable | None:
+        device = self.gateway.devices.get(local_id)
         return None if device is None else device.peer
-
-    def describe_datagram(self, data: bytes) -> str:
-        return describe_coap(data)
-
-    def peer_certificate(self, peer: Hashable) -> bytes | None:
-        """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
-        return None
-
-    async def stop(self) -> None:
-        await super().stop()
-        self.gateway.shutdown()
 
 
 class LwM2mDtlsGateway(LwM2mUdpGateway):
@@ -108,9 +90,4 @@ class LwM2mDtlsGateway(LwM2mUdpGateway):
 
     def __init__(self, config: LwM2mConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
         super().__init__(config, broker)
-        self.host, self.port = parse_bind(config.dtls.bind, "gateways.lwm2m.dtls.bind")
-        self.dtls = DtlsDatagramCore.from_config(self.gateway, config.dtls, "gateways.lwm2m.dtls", log, guard)
-        self.core = self.dtls
-
-    def peer_certificate(self, peer: Hashable) -> bytes | None:
-        return self.dtls.peer_certificate(peer)
+        self.use_dtls(config.dtls, "gateways.lwm2m.dtls", log, guard)
