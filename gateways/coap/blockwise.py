@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from core.errors import MalformedPacket
 from gateways.coap.codec import Block, CoapMessage, encode_block
-from gateways.coap.numbers import Code, OptionNumber
+from gateways.coap.numbers import CoapError, Code, OptionNumber
 
 __all__ = ["Block2Download", "BlockwiseError"]
 
@@ -23,13 +23,8 @@ _BLOCK2 = int(OptionNumber.BLOCK2)
 _SIZE2 = int(OptionNumber.SIZE2)
 
 
-class BlockwiseError(Exception):
+class BlockwiseError(CoapError):
     """A block-wise response that cannot be put together; ``code`` is the CoAP code to report."""
-
-    def __init__(self, code: Code, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 @dataclass(slots=True)

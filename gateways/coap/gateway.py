@@ -50,7 +50,7 @@ from gateways.coap.exchange import (
     RequestReceived,
     ResponseReceived,
 )
-from gateways.coap.numbers import Code, ContentFormat, OptionNumber, Timing, Type
+from gateways.coap.numbers import CoapError, Code, ContentFormat, OptionNumber, Timing, Type
 
 __all__ = ["CoapClient", "CoapGateway", "SessionRequest"]
 
@@ -80,15 +80,6 @@ _MIME_OF = {
 _FORMAT_OF = {mime: number for number, mime in _MIME_OF.items()}
 _WELL_KNOWN = b'</mqtt>;rt="mqtt",</mqtt/connection>,</ps>;rt="core.ps"'
 _MAX_WAITING = 16  # requests parked per client id while its session opens
-
-
-class _Reject(Exception):
-    """A request refused with a CoAP response code."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 @dataclass(slots=True)
@@ -249,11 +240,11 @@ class CoapGateway(CoapApplication[SessionRequest]):
         try:
             for number, _ in msg.options:
                 if number & 1 and number not in _KNOWN_OPTIONS:
-                    raise _Reject(Code.BAD_OPTION, f"unrecognised critical option {number}")
+                    raise CoapError(Code.BAD_OPTION, f"unrecognised critical option {number}")
             path = [unquote(segment) for segment in msg.uri_path()]
             query = self._query(msg)
             self._route(request, path, query, now)
-        except _Reject as exc:
+        except CoapError as exc:
             self.count(f"responses_{codec_name(exc.code)}")
             log.info(
                 "coap %s: %s refused with %s: %s",
@@ -288,7 +279,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         code = request.message.code
         if path == [".well-known", "core"]:
             if code != GET:
-                raise _Reject(Code.METHOD_NOT_ALLOWED, "only GET")
+                raise CoapError(Code.METHOD_NOT_ALLOWED, "only GET")
             self._reply(request, Code.CONTENT, _WELL_KNOWN, [(_CONTENT_FORMAT, codec.encode_uint(40))])
             return
         if path[:2] == ["mqtt", "connection"] and len(path) == 2:
@@ -298,8 +289,8 @@ class CoapGateway(CoapApplication[SessionRequest]):
             self._pubsub(request, path, query, now)
             return
         if path and path[0] in ("mqtt", "ps"):
-            raise _Reject(Code.NOT_FOUND, "no topic in the path")
-        raise _Reject(Code.NOT_FOUND, "unknown resource")
+            raise CoapError(Code.NOT_FOUND, "no topic in the path")
+        raise CoapError(Code.NOT_FOUND, "unknown resource")
 
     # --- connection mode (EMQX 5.x)
 
@@ -307,7 +298,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         code = request.message.code
         client_id = query.get("clientid")
         if not client_id:
-            raise _Reject(Code.BAD_REQUEST, "missing clientid")
+            raise CoapError(Code.BAD_REQUEST, "missing clientid")
         client = self.clients.get(client_id)
         if code == POST:
             if client is not None and client.peer != request.peer:
@@ -324,7 +315,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             self._reply(request, Code.CREATED, client.token.encode())
             return
         if client is None or client.token is None or query.get("token") != client.token:
-            raise _Reject(Code.UNAUTHORIZED, "unknown connection or wrong token")
+            raise CoapError(Code.UNAUTHORIZED, "unknown connection or wrong token")
         client.last_seen = now
         if code == PUT:
             self._reply(request, Code.CHANGED)
@@ -332,7 +323,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             self.end_client(client, "closed by the client", publish_will=False)
             self._reply(request, Code.DELETED)
         else:
-            raise _Reject(Code.METHOD_NOT_ALLOWED, "POST, PUT or DELETE")
+            raise CoapError(Code.METHOD_NOT_ALLOWED, "POST, PUT or DELETE")
 
     def _client_for(
         self, request: RequestReceived, client_id: str, query: dict[str, str], now: float
@@ -349,7 +340,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         if client.session is not None:
             return client
         if len(client.waiting) >= _MAX_WAITING:
-            raise _Reject(Code.SERVICE_UNAVAILABLE, "too many requests while the session opens")
+            raise CoapError(Code.SERVICE_UNAVAILABLE, "too many requests while the session opens")
         client.waiting.append(request)
         if not client.opening:
             client.opening = True
@@ -397,19 +388,19 @@ class CoapGateway(CoapApplication[SessionRequest]):
         topic = "/".join(path[1:])
         client_id = query.get("clientid")
         if not client_id:
-            raise _Reject(Code.BAD_REQUEST, "missing clientid")
+            raise CoapError(Code.BAD_REQUEST, "missing clientid")
         existing = self.clients.get(client_id)
         token = query.get("token")
         if existing is not None and existing.token:
             if token != existing.token:  # a connection's session is only reachable with its token
-                raise _Reject(Code.UNAUTHORIZED, "missing or wrong token for this connection")
+                raise CoapError(Code.UNAUTHORIZED, "missing or wrong token for this connection")
         elif token or self.config.connection_required:
-            raise _Reject(Code.UNAUTHORIZED, "no connection for this client id")
+            raise CoapError(Code.UNAUTHORIZED, "no connection for this client id")
         code = msg.code
         if code in (PUT, POST) and not (style == "ps" and code == PUT):
             why = validate_topic(topic)
             if why is not None:
-                raise _Reject(Code.BAD_REQUEST, f"invalid topic: {why}")
+                raise CoapError(Code.BAD_REQUEST, f"invalid topic: {why}")
             client = self._client_for(request, client_id, query, now)
             if client is None:  # parked until the session opens, then handled again from the start
                 return
@@ -423,9 +414,9 @@ class CoapGateway(CoapApplication[SessionRequest]):
                 return
             why = validate_filter(topic)
             if why is not None:
-                raise _Reject(Code.BAD_REQUEST, f"invalid topic filter: {why}")
+                raise CoapError(Code.BAD_REQUEST, f"invalid topic filter: {why}")
             if not msg.token and observe == 0:
-                raise _Reject(Code.BAD_REQUEST, "observe needs a token")
+                raise CoapError(Code.BAD_REQUEST, "observe needs a token")
             client = self._client_for(request, client_id, query, now)
             if client is None:
                 return
@@ -434,7 +425,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             else:
                 self._unobserve(request, client, topic)
         else:
-            raise _Reject(Code.METHOD_NOT_ALLOWED, f"{_method(code)} not allowed here")
+            raise CoapError(Code.METHOD_NOT_ALLOWED, f"{_method(code)} not allowed here")
 
     def _body(self, request: RequestReceived, topic: str, now: float) -> bytes | None:
         """The whole request body, reassembled from Block1 transfers (RFC 7959 §2.5); None until complete."""
@@ -443,7 +434,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         limit = self.config.max_body_size
         if block is None:
             if len(msg.payload) > limit:
-                raise _Reject(Code.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+                raise CoapError(Code.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
             return msg.payload
         key = (request.peer, topic)
         upload = self._uploads.get(key)
@@ -451,7 +442,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             upload = self._uploads[key] = _Upload(bytearray(), now + self.config.exchange_lifetime)
         if upload is None or len(upload.body) != block.num * block.size:
             self._uploads.pop(key, None)
-            raise _Reject(Code.REQUEST_ENTITY_INCOMPLETE, "block out of sequence")
+            raise CoapError(Code.REQUEST_ENTITY_INCOMPLETE, "block out of sequence")
         upload.body += msg.payload
         if len(upload.body) > limit:
             del self._uploads[key]
@@ -485,7 +476,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         code = session.publish(Message(topic, body, qos, retain, "", props))
         if code >= 0x80:
             self.count("publish_refused")
-            raise _Reject(_coap_code_of(code), f"publish refused: reason 0x{code:02x}")
+            raise CoapError(_coap_code_of(code), f"publish refused: reason 0x{code:02x}")
         self.count("publishes")
         options = []
         block = msg.block1()
@@ -497,7 +488,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         text = query.get("qos")
         if text is not None:
             if text not in ("0", "1", "2"):
-                raise _Reject(Code.BAD_REQUEST, "qos must be 0, 1 or 2")
+                raise CoapError(Code.BAD_REQUEST, "qos must be 0, 1 or 2")
             return int(text)
         return 1 if msg.mtype == int(Type.CON) else 0
 
@@ -526,7 +517,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             held, client.held = client.held, None
         if granted >= 0x80:
             del client.observations[token]
-            raise _Reject(_coap_code_of(granted), f"subscription refused: reason 0x{granted:02x}")
+            raise CoapError(_coap_code_of(granted), f"subscription refused: reason 0x{granted:02x}")
         self.count("observations")
         # The registration response carries the current value, a retained message if there is one (RFC 7641
         # §3.2, §4.1); other retained matches of a wildcard follow as notifications.
@@ -560,7 +551,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         """A GET without Observe reads the topic's retained message (2.05 or 4.04), in Block2 parts if big."""
         why = validate_topic(topic)
         if why is not None:
-            raise _Reject(Code.BAD_REQUEST, f"invalid topic: {why}")
+            raise CoapError(Code.BAD_REQUEST, f"invalid topic: {why}")
         client = self._client_for(request, client_id, query, now)
         if client is None:
             return
@@ -568,7 +559,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
         assert session is not None
         message = session.read_retained(topic)
         if message is None:
-            raise _Reject(Code.NOT_FOUND, "no retained message")
+            raise CoapError(Code.NOT_FOUND, "no retained message")
         options: list[tuple[int, bytes]] = []
         content_type = message.properties.content_type
         if content_type in _FORMAT_OF:
@@ -590,7 +581,7 @@ class CoapGateway(CoapApplication[SessionRequest]):
             return payload
         start = num * size
         if start >= len(payload) and num:
-            raise _Reject(Code.BAD_OPTION, "block beyond the end")
+            raise CoapError(Code.BAD_OPTION, "block beyond the end")
         more = start + size < len(payload)
         options.append((_BLOCK2, codec.encode_block(num, more, szx)))
         if num == 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
+    "CoapError",
     "Code",
     "ContentFormat",
     "OptionNumber",
@@ -98,6 +99,16 @@ def is_request(code: int) -> bool:
 def is_response(code: int) -> bool:
     """Classes 2, 4 and 5 (RFC 7252 §5.9)."""
     return 0x40 <= code < 0xC0
+
+
+class CoapError(Exception):
+    """A request or response that is answered or reported with a CoAP response code (RFC 7252 §5.9) and a
+    diagnostic text (§5.5.2)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
 
 
 class OptionNumber(IntEnum):

@@ -38,7 +38,7 @@ from gateways.coap.exchange import (
     RequestReceived,
     ResponseReceived,
 )
-from gateways.coap.numbers import Code, OptionNumber, Timing
+from gateways.coap.numbers import CoapError, Code, OptionNumber, Timing
 from gateways.lwm2m.commands import (
     Command,
     CommandError,
@@ -60,13 +60,6 @@ _LOCATION_PATH = int(OptionNumber.LOCATION_PATH)
 _BLOCK2 = int(OptionNumber.BLOCK2)
 _SWEEP_SECONDS = 1.0
 _SKIPPED_BY_ALL = frozenset({0, 1, 2})  # security, server and access control are not observed by "all"
-
-
-class _Reject(Exception):
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 @dataclass(slots=True)
@@ -173,19 +166,19 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
             elif len(path) == 2 and path[0] == "rd":
                 device = self.by_location.get(path[1])
                 if device is None:
-                    raise _Reject(Code.NOT_FOUND, "no such registration")
+                    raise CoapError(Code.NOT_FOUND, "no such registration")
                 if msg.code == POST:
                     self._update(device, request, now)
                 elif msg.code == DELETE:
                     self._reply(request, Code.DELETED)
                     self.end_device(device, "de-registered", publish=True, event="deregister")
                 else:
-                    raise _Reject(Code.METHOD_NOT_ALLOWED, "POST or DELETE")
+                    raise CoapError(Code.METHOD_NOT_ALLOWED, "POST or DELETE")
             elif path and path[0] in ("rd", "bs"):
-                raise _Reject(Code.METHOD_NOT_ALLOWED if path == ["rd"] else Code.NOT_FOUND, "unsupported")
+                raise CoapError(Code.METHOD_NOT_ALLOWED if path == ["rd"] else Code.NOT_FOUND, "unsupported")
             else:
-                raise _Reject(Code.NOT_FOUND, "unknown resource")
-        except _Reject as exc:
+                raise CoapError(Code.NOT_FOUND, "unknown resource")
+        except CoapError as exc:
             self.count("registrations_refused")
             log.info(
                 "lwm2m %s: %s refused: %s",
@@ -218,7 +211,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         mountpoint = self.config.mountpoint.replace("{ep}", info.endpoint)
         problem = validate_topic(mountpoint + self.config.topic_register)
         if problem is not None:
-            raise _Reject(Code.BAD_REQUEST, f"endpoint name {info.endpoint!r}: {problem}")
+            raise CoapError(Code.BAD_REQUEST, f"endpoint name {info.endpoint!r}: {problem}")
         old = self.devices.get(info.endpoint)
         if old is not None:
             self.end_device(old, "registered again", publish=False)
