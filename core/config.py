@@ -308,7 +308,8 @@ class DtlsConfig:
     """DTLS 1.2 for a CoAP-based gateway (RFC 7252 §9.1; RFC 6347) through Mbed TLS: pre-shared keys (``psk``)
     and/or X.509 certificates (``certfile``/``keyfile``; ``verify = "verify_peer"`` checks client certificates
     against ``cacertfile``, ``fail_if_no_peer_cert`` refuses clients without one). A verified client
-    certificate is available to authentication (``auth.peer_cert_as_username``)."""
+    certificate is available to authentication (``auth.peer_cert_as_username``); with
+    ``psk_identity_as_username`` a PSK client's identity is its user name, proven by the handshake."""
 
     enabled: bool = False
     bind: str = field(default="0.0.0.0:5684", metadata={"check": parse_bind})
@@ -322,6 +323,7 @@ class DtlsConfig:
     max_peers: int = field(default=10_000, metadata={"min": 1})  # DTLS peers; more new addresses are dropped
     handshake_timeout: float = field(default=30.0, metadata={"min": 1.0})  # seconds; then the peer is dropped
     idle_timeout: float = field(default=300.0, metadata={"min": 1.0})  # seconds; a silent peer is dropped
+    psk_identity_as_username: bool = False  # a PSK client's identity is its user name (no password needed)
 
 
 @dataclass(slots=True, frozen=True)
@@ -332,9 +334,11 @@ class CoapDtlsConfig(DtlsConfig):
 @dataclass(slots=True, frozen=True)
 class LwM2mDtlsConfig(DtlsConfig):
     """LwM2M over DTLS (``[gateways.lwm2m.dtls]``) on port 5784, EMQX 4.3's ``lwm2m.bind.dtls`` (5684 is
-    CoAP's)."""
+    CoAP's). ``check_endpoint_name``: a registration's endpoint name must be the identity the device
+    authenticated with, its PSK identity or certificate common name (LwM2M 1.1 Transport §5.2.8)."""
 
     bind: str = field(default="0.0.0.0:5784", metadata={"check": parse_bind})
+    check_endpoint_name: bool = True  # refuse (4.03) a registration whose ep is not the DTLS identity
 
 
 @dataclass(slots=True, frozen=True)

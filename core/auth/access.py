@@ -166,7 +166,9 @@ class AccessControl:
         banned (too many failures from the address).
 
         With ``peer_cert_as_username`` a verified client certificate is the credential (mosquitto's
-        ``use_identity_as_username``): the sources of the chain are not consulted for that client."""
+        ``use_identity_as_username``): the sources of the chain are not consulted for that client. The same
+        holds for a DTLS client whose PSK identity the gateway made its user name (``psk_identity``, with
+        ``gateways.*.dtls.psk_identity_as_username``): the handshake proved it holds that identity's key."""
         client_id = client.client_id
         self._forget(client_id)
         if self._open_auth:
@@ -182,20 +184,14 @@ class AccessControl:
                 extra=client_fields(client_id, client.peer, client.protocol),
             )
             return ReasonCode.BANNED
+        if client.psk_identity is not None and client.psk_identity == client.username:
+            return self._proven(client, "its PSK identity")
         if client.peer_cert is not None and (auth.peer_cert_as_username or auth.peer_cert_as_clientid):
             refusal = self._certificate_refusal(client, client.peer_cert)
             if refusal:
                 return self._failed(client, host, ReasonCode.NOT_AUTHORIZED, refusal)
             if auth.peer_cert_as_username:
-                self.stats.auth_success += 1
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "client %s (%s) authenticated by its certificate",
-                        client_id,
-                        client.peer,
-                        extra=client_fields(client_id, client.peer, client.protocol),
-                    )
-                return 0
+                return self._proven(client, "its certificate")
         password = credentials.password
         username = credentials.username if credentials.username is not None else client.username
         if password is not None and len(password) > auth.max_credential_size:
@@ -221,6 +217,19 @@ class AccessControl:
         if username is None and password is None:
             return self._failed(client, host, ReasonCode.NOT_AUTHORIZED, "anonymous access is disabled")
         return self._failed(client, host, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "unknown user")
+
+    def _proven(self, client: ClientInfo, proof: str) -> int:
+        """Allow a client whose user name the (D)TLS handshake proved; ``proof`` says how, for the log."""
+        self.stats.auth_success += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client %s (%s) authenticated by %s",
+                client.client_id,
+                client.peer,
+                proof,
+                extra=client_fields(client.client_id, client.peer, client.protocol),
+            )
+        return 0
 
     def _certificate_refusal(self, client: ClientInfo, cert: bytes) -> str:
         """Why the certificate does not give the user name and client id that :meth:`identify` set ("" when

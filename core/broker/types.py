@@ -81,6 +81,7 @@ class ClientInfo:
     protocol_version: int = 4
     peer_cert: bytes | None = None  # the DER client certificate of a TLS/DTLS connection
     keepalive: int = 0  # seconds, as the device asked (carried to the upstream connection in edge mode)
+    psk_identity: str | None = None  # the DTLS PSK identity that is the user name (psk_identity_as_username)
 
 
 @dataclass(frozen=True, slots=True)

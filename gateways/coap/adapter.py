@@ -35,7 +35,9 @@ class CoapFamilyAdapter(UdpGatewayAdapter, Generic[R]):
 
     gateway: CoapApplication[R]
     clientid_prefix: str
+    trace_protocol: str  # also the protocol of its clients' sessions: "coap" or "lwm2m"
     dtls: DtlsDatagramCore | None = None
+    psk_identity_as_username = False
 
     def _start_work(self) -> None:
         for request in self.gateway.take_session_requests():
@@ -55,6 +57,7 @@ class CoapFamilyAdapter(UdpGatewayAdapter, Generic[R]):
         self.host, self.port = parse_bind(settings.bind, f"{key}.bind")
         self.dtls = DtlsDatagramCore.from_config(self.gateway, settings, key, logger, guard)
         self.core = self.dtls
+        self.psk_identity_as_username = settings.psk_identity_as_username
 
     def trace_peer(self, client_id: str) -> Hashable | None:
         """The peer of broker client id ``client_id``; None over DTLS, whose datagrams are ciphertext."""
@@ -69,6 +72,24 @@ class CoapFamilyAdapter(UdpGatewayAdapter, Generic[R]):
     def peer_certificate(self, peer: Hashable) -> bytes | None:
         """The verified DER client certificate of ``peer`` (over DTLS), for ``auth.peer_cert_as_username``."""
         return None if self.dtls is None else self.dtls.peer_certificate(peer)
+
+    def psk_identity(self, peer: Hashable) -> str | None:
+        """The PSK identity ``peer`` completed its DTLS handshake with."""
+        return None if self.dtls is None else self.dtls.psk_identity(peer)
+
+    def client_info(self, local_id: str, peer: Hashable, username: str | None) -> ClientInfo:
+        """The broker's view of the gateway's client ``local_id`` at ``peer``: its verified DTLS certificate
+        (for ``auth.peer_cert_as_username``) and, with ``psk_identity_as_username``, its PSK identity as the
+        user name instead of ``username`` (authentication accepts it without a password)."""
+        identity = self.psk_identity(peer) if self.psk_identity_as_username else None
+        return ClientInfo(
+            self.clientid_prefix + local_id,
+            self.trace_protocol,
+            format_peer(peer),
+            username if identity is None else identity,
+            peer_cert=self.peer_certificate(peer),
+            psk_identity=identity,
+        )
 
     async def stop(self) -> None:
         await super().stop()
@@ -93,14 +114,8 @@ class CoapUdpGateway(CoapFamilyAdapter[SessionRequest]):
     async def _open_session(self, request: SessionRequest) -> None:
         gateway = self.gateway
         client_id = request.client_id
-        client = ClientInfo(
-            self.config.clientid_prefix + client_id,
-            "coap",
-            format_peer(request.peer),
-            request.username,
-            peer_cert=self.peer_certificate(request.peer),
-        )
-        credentials = Credentials(request.username, request.password.encode() if request.password else None)
+        client = self.client_info(client_id, request.peer, request.username)
+        credentials = Credentials(client.username, request.password.encode() if request.password else None)
         try:
             auth = await self.broker.authenticate(client, credentials)
             if not auth.allowed:

@@ -9,7 +9,9 @@ authenticated peers only; :class:`gateways.coap.adapter.CoapDtlsGateway` is the 
 Credentials: pre-shared keys (RFC 7252 §9.1.3.1, ``psk`` identity -> key) and X.509 certificates
 (§9.1.3.3, ``certfile``/``keyfile``, client certificates checked against ``cacertfile`` with
 ``verify = "verify_peer"``; ``fail_if_no_peer_cert`` refuses clients without one). Both may be configured at
-once: the client's cipher suites choose.
+once: the client's cipher suites choose. The identity a peer authenticated with is kept for the gateways:
+:meth:`DtlsDatagramCore.peer_certificate` (a verified certificate) and :meth:`DtlsDatagramCore.psk_identity`
+(the PSK identity, RFC 4279 §2, whose key the handshake proved the client holds).
 
 Bounds and bad input: a new peer must open with a ClientHello (RFC 6347 §4.2.1), anything else is ignored and
 counted; the first ClientHello is answered statelessly with a HelloVerifyRequest cookie (§4.2.1), so no state
@@ -28,7 +30,7 @@ peer. A spoofed address cannot be banned this way: state, and so a failure, need
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Protocol
 
 from mbedtls import pk, tls, x509
@@ -50,6 +52,34 @@ _HEADER = 13  # RFC 6347 §4.1: type, version, epoch, sequence number, length
 _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
+
+
+class _PskKeys(Mapping[str, bytes]):
+    """The PSK table (identity -> key) as the server context's ``pre_shared_key_store``, remembering the
+    identity Mbed TLS looked up: python-mbedtls has no getter for the peer's identity, but its PSK callback
+    reads this mapping with the ClientKeyExchange's identity (RFC 4279 §2) inside ``do_handshake``."""
+
+    __slots__ = ("_keys", "_looked_up")
+
+    def __init__(self, keys: Mapping[str, bytes]) -> None:
+        self._keys = keys
+        self._looked_up: str | None = None
+
+    def __getitem__(self, identity: str) -> bytes:
+        key = self._keys[identity]
+        self._looked_up = identity
+        return key
+
+    def take_looked_up(self) -> str | None:
+        """The identity found since the last call, if any."""
+        identity, self._looked_up = self._looked_up, None
+        return identity
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class AddressGuard(Protocol):
@@ -152,18 +182,23 @@ def _datagrams(records: bytes) -> list[bytes]:
 class _Peer:
     """One DTLS peer: its Mbed TLS context and timestamps."""
 
-    __slots__ = ("address", "context", "established", "last_seen", "started")
+    __slots__ = ("address", "context", "established", "last_seen", "psk_identity", "started")
 
     def __init__(self, address: Hashable, context: tls.TLSWrappedBuffer, now: float) -> None:
         self.address = address
         self.context = context
         self.established = False
+        self.psk_identity: str | None = None
         self.started = now
         self.last_seen = now
 
 
 class DtlsDatagramCore:
-    """A :class:`DatagramCore` that decrypts datagrams for ``inner`` and encrypts what it sends."""
+    """A :class:`DatagramCore` that decrypts datagrams for ``inner`` and encrypts what it sends.
+
+    ``context``'s PSK table is wrapped so the identity each peer's handshake used is recorded: the handshakes
+    of one core run one at a time (``do_handshake`` is synchronous), so a lookup belongs to the peer whose
+    handshake step is running."""
 
     def __init__(
         self,
@@ -178,7 +213,8 @@ class DtlsDatagramCore:
         guard: AddressGuard | None = None,
     ) -> None:
         self.inner = inner
-        self.context = context
+        self._psk_keys = _PskKeys(context.configuration.pre_shared_key_store)
+        self.context = tls.ServerContext(context.configuration.update(pre_shared_key_store=self._psk_keys))
         self.verify_peer = verify_peer  # a client certificate, when given, must verify (OPTIONAL mode)
         self.max_peers = max_peers
         self.handshake_timeout = handshake_timeout
@@ -287,6 +323,11 @@ class DtlsDatagramCore:
         certificate = state.context.getpeercert(binary_form=True)
         return certificate if certificate and _verified(state.context) else None
 
+    def psk_identity(self, peer: Hashable) -> str | None:
+        """The PSK identity ``peer`` completed its handshake with (None for a certificate handshake)."""
+        state = self._peers.get(peer)
+        return None if state is None or not state.established else state.psk_identity
+
     def _new_peer(self, data: bytes, peer: Hashable, now: float) -> None:
         if not _is_client_hello(data):
             self.ignored_datagrams += 1
@@ -318,7 +359,7 @@ class DtlsDatagramCore:
         context = state.context
         while not _handshake_over(context):
             try:
-                context.do_handshake()
+                self._handshake_step(state)
             except tls.WantReadError:
                 break
             except tls.WantWriteError:
@@ -339,6 +380,15 @@ class DtlsDatagramCore:
             self.handshakes += 1
             self.log.debug("dtls %s: handshake done, %s", format_peer(state.address), context.cipher())
         return True
+
+    def _handshake_step(self, state: _Peer) -> None:
+        """One ``do_handshake``; a PSK identity looked up during it is ``state``'s."""
+        try:
+            state.context.do_handshake()
+        finally:
+            identity = self._psk_keys.take_looked_up()
+            if identity is not None:
+                state.psk_identity = identity
 
     def _read(self, state: _Peer, now: float) -> None:
         scratch = self._scratch

@@ -6,10 +6,11 @@ import asyncio
 import logging
 from collections.abc import Hashable
 
-from core.broker.types import ClientInfo, Credentials
+from core.auth.certs import cert_identity
+from core.broker.types import Credentials
 from core.clock import LoopClock
 from core.config import LwM2mConfig, parse_bind
-from core.logging import client_fields, format_peer
+from core.logging import client_fields
 from gateways.base import Broker, SessionRefused
 from gateways.coap.adapter import CoapFamilyAdapter
 from gateways.coap.dtls import AddressGuard
@@ -42,15 +43,9 @@ class LwM2mUdpGateway(CoapFamilyAdapter[SessionRequest]):
 
     async def _open_session(self, request: SessionRequest) -> None:
         device = request.device
-        client = ClientInfo(
-            self.config.clientid_prefix + device.endpoint,
-            "lwm2m",
-            format_peer(device.peer),
-            device.endpoint,
-            peer_cert=self.peer_certificate(device.peer),
-        )
+        client = self.client_info(device.endpoint, device.peer, device.endpoint)
         try:
-            credentials = Credentials(device.endpoint, None)
+            credentials = Credentials(client.username, None)
             auth = await self.broker.authenticate(client, credentials)
             if not auth.allowed:
                 self.gateway.session_refused(device, auth.reason_code, self.loop.time())
@@ -84,10 +79,22 @@ class LwM2mUdpGateway(CoapFamilyAdapter[SessionRequest]):
 
 class LwM2mDtlsGateway(LwM2mUdpGateway):
     """``gateways.lwm2m.dtls``: the LwM2M gateway on a DTLS socket (LwM2M 1.1 transport §5.2, PSK and
-    certificate modes)."""
+    certificate modes). With ``check_endpoint_name`` a registration must name the endpoint the device
+    authenticated as (Transport §5.2.8, Core §7.1), so one device's credentials cannot register another."""
 
     name = "lwm2m:dtls"
 
     def __init__(self, config: LwM2mConfig, broker: Broker, guard: AddressGuard | None = None) -> None:
         super().__init__(config, broker)
         self.use_dtls(config.dtls, "gateways.lwm2m.dtls", log, guard)
+        if config.dtls.check_endpoint_name:
+            self.gateway.peer_identity = self.authenticated_name
+
+    def authenticated_name(self, peer: Hashable) -> str | None:
+        """The name ``peer`` authenticated with: its PSK identity, or the common name of its verified
+        certificate ("" when it has none); None when it proved neither (``verify = "verify_none"``)."""
+        identity = self.psk_identity(peer)
+        if identity is not None:
+            return identity
+        certificate = self.peer_certificate(peer)
+        return None if certificate is None else cert_identity(certificate, "cn") or ""

@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,8 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         self.types = types
         self.devices: dict[str, Device] = {}
         self.by_location: dict[str, Device] = {}
+        # the name a peer authenticated with (DTLS), which its endpoint name must be; None: no check
+        self.peer_identity: Callable[[Hashable], str | None] | None = None
 
     def _sweep(self, now: float) -> None:
         """Expire registrations past their lifetime (§6.2.1) and queued commands past their time-to-live."""
@@ -212,6 +214,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         problem = validate_topic(mountpoint + self.config.topic_register)
         if problem is not None:
             raise CoapError(Code.BAD_REQUEST, f"endpoint name {info.endpoint!r}: {problem}")
+        self._check_identity(request, info.endpoint)
         old = self.devices.get(info.endpoint)
         if old is not None:
             self.end_device(old, "registered again", publish=False)
@@ -221,6 +224,16 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         self.devices[info.endpoint] = device
         self.by_location[location] = device
         self._session_requests.append(SessionRequest(device))
+
+    def _check_identity(self, request: RequestReceived, endpoint: str) -> None:
+        """Refuse (4.03) an endpoint name that is not the identity the peer authenticated with (LwM2M 1.1
+        Transport §5.2.8, Core §7.1), before a registration of that name is replaced."""
+        identity = None if self.peer_identity is None else self.peer_identity(request.peer)
+        if identity is not None and identity != endpoint:
+            self.count("registrations_identity_mismatch")
+            raise CoapError(
+                Code.FORBIDDEN, f"endpoint name {endpoint!r} is not the DTLS identity {identity!r}"
+            )
 
     def session_opened(self, device: Device, session: SessionHandle, now: float) -> None:
         if device.closed or self.devices.get(device.endpoint) is not device:

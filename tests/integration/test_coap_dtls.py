@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mbedtls import tls
 
 from core.auth.access import AccessControl
+from core.auth.hashing import hash_password
 from core.clock import FakeClock
 from core.config import AuthConfig
 from core.errors import ConfigError
@@ -121,8 +122,8 @@ def coaps(
     )
 
 
-def psk_credentials(key: str = "s3cret-key") -> list[str]:
-    return ["-u", "sensor-1", "-k", key]
+def psk_credentials(key: str = "s3cret-key", identity: str = "sensor-1") -> list[str]:
+    return ["-u", identity, "-k", key]
 
 
 def cert_credentials(cert: Path, key: Path, ca: Path) -> list[str]:
@@ -356,6 +357,47 @@ def test_certificate_common_name_is_the_username_with_peer_cert_as_username(
     assert "4." not in allowed.stdout + allowed.stderr
 
 
+def test_psk_identity_is_the_username_with_psk_identity_as_username(
+    start_broker: StartBroker, clients: Clients, tmp_path: Path
+) -> None:
+    passwords = tmp_path / "passwords"
+    passwords.write_text(f"watcher:{hash_password('pw', iterations=1000)}\n")
+    rules = [
+        {"permission": "allow", "username": "sensor-1", "action": "publish", "topics": ["sensors/sensor-1"]},
+        {"permission": "allow", "username": "watcher", "action": "subscribe", "topics": ["#"]},
+    ]
+    broker = start_broker(
+        auth={"allow_anonymous": False, "password_file": str(passwords)},
+        acl={"no_match": "deny", "rules": rules},
+        gateways={
+            "coap": {
+                "dtls": {
+                    **DTLS_PSK,
+                    "psk": {**PSK, "sensor-2": "other-key"},
+                    "psk_identity_as_username": True,
+                }
+            }
+        },
+    )
+    mqtt = clients.paho(_mqtt_port(broker), "watcher", version=5, username="watcher", password="pw")
+    assert mqtt.subscribe("sensors/#", 1) == 1
+    own = coaps(
+        _port(broker), "put", "mqtt/sensors/sensor-1?c=s1", credentials=psk_credentials(), payload="1"
+    )
+    assert own.returncode == 0, own.stderr
+    assert "4." not in own.stdout + own.stderr  # no password: the handshake proved the identity
+    message = mqtt.messages.get(timeout=TIMEOUT)
+    assert (message.topic, message.payload) == ("sensors/sensor-1", b"1")
+    # sensor-2 is authenticated too, as sensor-2: a u= naming sensor-1 does not change its user name
+    other = psk_credentials("other-key", "sensor-2")
+    for query in ("c=s2", "c=s2&u=sensor-1"):
+        refused = coaps(
+            _port(broker), "put", f"mqtt/sensors/sensor-1?{query}", credentials=other, payload="2"
+        )
+        assert "4.03" in refused.stdout + refused.stderr
+    assert mqtt.messages.empty()
+
+
 # --- the DTLS wrapper in memory
 
 
@@ -386,7 +428,8 @@ class _EchoCore:
 
 def _psk_server(inner: _EchoCore, **bounds: Any) -> DtlsDatagramCore:
     configuration = tls.DTLSConfiguration(
-        validate_certificates=False, pre_shared_key_store={"sensor-1": b"s3cret-key"}
+        validate_certificates=False,
+        pre_shared_key_store={"sensor-1": b"s3cret-key", "sensor-2": b"other-key"},
     )
     return DtlsDatagramCore(inner, tls.ServerContext(configuration), **bounds)
 
@@ -394,11 +437,17 @@ def _psk_server(inner: _EchoCore, **bounds: Any) -> DtlsDatagramCore:
 class _Client:
     """A python-mbedtls PSK client whose datagrams are carried by hand to and from a DtlsDatagramCore."""
 
-    def __init__(self, server: DtlsDatagramCore, peer: tuple[str, int], key: bytes = b"s3cret-key") -> None:
+    def __init__(
+        self,
+        server: DtlsDatagramCore,
+        peer: tuple[str, int],
+        key: bytes = b"s3cret-key",
+        identity: str = "sensor-1",
+    ) -> None:
         self.server = server
         self.peer = peer
         self.plain: list[bytes] = []
-        configuration = tls.DTLSConfiguration(validate_certificates=False, pre_shared_key=("sensor-1", key))
+        configuration = tls.DTLSConfiguration(validate_certificates=False, pre_shared_key=(identity, key))
         self.tls = tls.ClientContext(configuration).wrap_buffers(None)
         self.failed = False
         self.bytes_sent = self.bytes_received = 0  # the datagrams carried by _exchange
@@ -467,6 +516,31 @@ def test_dtls_core_hands_decrypted_datagrams_to_the_inner_core_and_encrypts_the_
     assert inner.received == [(b"hello", ("127.0.0.1", 40001))]
     assert client.plain == [b"echo:hello"]
     assert core.handshakes == 1
+
+
+def test_dtls_core_records_the_psk_identity_of_each_peer_once_its_handshake_is_done() -> None:
+    core = _psk_server(_EchoCore())
+    first = _Client(core, ("127.0.0.1", 40020))
+    second = _Client(core, ("127.0.0.1", 40021), b"other-key", "sensor-2")
+    for client in (first, second):  # both past the cookie exchange: two handshakes under way at once
+        core.receive_datagram(client.flight(), client.peer, 0.0)
+        (answer,) = core.datagrams_to_send()
+        client.tls.receive_from_network(answer[1])
+        core.receive_datagram(client.flight(), client.peer, 0.0)
+        for _peer, data in core.datagrams_to_send():
+            client.tls.receive_from_network(data)
+    assert (core.peers, core.psk_identity(first.peer), core.psk_identity(second.peer)) == (2, None, None)
+    assert second.handshake(0.0)
+    assert first.handshake(0.0)
+    assert core.psk_identity(first.peer) == "sensor-1"
+    assert core.psk_identity(second.peer) == "sensor-2"
+    assert core.peer_certificate(first.peer) is None
+    # a wrong key: the identity is looked up, but the peer is forgotten with it
+    intruder = _Client(core, ("127.0.0.1", 40022), b"wrong", "sensor-2")
+    assert not intruder.handshake(0.0)
+    assert core.psk_identity(intruder.peer) is None
+    assert not _Client(core, ("127.0.0.1", 40023), identity="nobody").handshake(0.0)
+    assert (core.handshakes, core.handshake_failures) == (2, 2)
 
 
 def test_dtls_core_keeps_no_state_before_the_cookie_exchange() -> None:
