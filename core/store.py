@@ -17,6 +17,13 @@ restart); a power loss or an OS crash may lose the last transactions committed s
 checkpoint (never corrupting the file), because commits are not fsync'ed one by one. A message whose delete
 is lost either way is delivered again: QoS 1 allows duplicates.
 
+Writes: nothing touches the file before a commit. Pending appends and discards wait in memory, and the commit
+inserts the appends with one ``executemany``, deletes the discarded messages with another and commits, all
+in one transaction: a few statements per commit, whatever the number of messages. A message discarded
+before the commit that would have written it is never written: discarding means delivered, so a caller that
+acknowledges its appends only after the commit has then acknowledged messages that are either durable here
+or already delivered.
+
 Bound: an append that would take the total over ``max_bytes`` is refused (``None``, counted in
 :attr:`MessageStore.rejected_full`) and the caller answers the device with its congestion code (MQTT-SN rc
 0x01, CoAP 5.03); nothing is ever dropped to make room. Totals (count and bytes, overall and per stream) are
@@ -102,6 +109,10 @@ _TOTALS = "SELECT stream, count(*), sum(size) FROM messages GROUP BY stream ORDE
 
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
+_Row = tuple[int, str, str, bytes, int, int, bytes, float, int]
+"""A pending append as :data:`_INSERT` writes it: id, stream, topic, payload, qos, retain, properties,
+created, size."""
+
 
 class StoreError(MqgateError):
     """The message store cannot be opened or written; the message names the database file and the cause."""
@@ -150,12 +161,15 @@ class MessageStore:
         "_cached_bytes",
         "_closed",
         "_con",
+        "_doomed",
         "_execute",
         "_json",
         "_max_bytes",
         "_next_id",
         "_path",
+        "_rows",
         "_streams",
+        "_tail_of",
         "_tails",
         "_total_bytes",
         "_total_count",
@@ -185,6 +199,9 @@ class MessageStore:
         self._closed = True
         self._streams: dict[str, list[int]] = {}
         self._tails: dict[str, dict[int, StoredMessage]] = {}  # streams whose pending messages are in memory
+        self._tail_of: dict[int, dict[int, StoredMessage]] = {}  # a cached message's id: its stream's tail
+        self._rows: dict[int, _Row] = {}  # appended, written by the next commit
+        self._doomed: list[int] = []  # cached messages discarded, deleted by the next commit
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
         self._total_count = 0
@@ -292,28 +309,33 @@ class MessageStore:
         """Store one message, committed on return; its id, or ``None`` when it would exceed ``max_bytes``.
 
         ``created`` is the caller's wall time (the store reads no clock). With ``commit=False`` the message
-        joins the open transaction and is durable only after :meth:`commit` (group commit: one commit for
-        the messages of a loop iteration); it is readable by :meth:`peek` at once.
+        waits in memory and is written, durable, by :meth:`commit` (group commit: one commit for the
+        messages of a loop iteration); it is readable by :meth:`peek` at once.
         """
         size = len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
         if self._total_bytes + size > self._max_bytes:
             self.rejected_full += 1
             return None
+        if self._closed:
+            raise StoreError(f"message store {self._path}: append failed: the store is closed")
         msg_id = self._next_id
-        try:
-            if not commit:
-                self._begin()
-            self._execute(
-                _INSERT, (msg_id, stream, topic, payload, qos, 1 if retain else 0, properties, created, size)
-            )
-            if commit and self._con.in_transaction:  # with what is pending: one commit for all
-                self._execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._failed("append failed", exc) from exc
         self._next_id = msg_id + 1
+        self._rows[msg_id] = (
+            msg_id,
+            stream,
+            topic,
+            payload,
+            qos,
+            1 if retain else 0,
+            properties,
+            created,
+            size,
+        )
         self._count_in(
             stream, size, StoredMessage(msg_id, stream, topic, payload, qos, retain, properties, created)
         )
+        if commit:  # with what is pending: one commit for all
+            self.commit()
         return msg_id
 
     def _count_in(self, stream: str, size: int, message: StoredMessage) -> None:
@@ -335,12 +357,31 @@ class MessageStore:
             self._uncache(stream)  # read from the file until the stream is empty again
             return
         tail[message.id] = message
+        self._tail_of[message.id] = tail
         self._cached_bytes += size
+
+    def _count_out(self, msg_id: int, stream: str, size: int) -> None:
+        """Totals and the memory tail after a delete."""
+        totals = self._streams[stream]
+        totals[0] -= 1
+        totals[1] -= size
+        self._total_count -= 1
+        self._total_bytes -= size
+        tail = self._tail_of.pop(msg_id, None)
+        if tail is not None:
+            del tail[msg_id]
+            self._cached_bytes -= size
+        if not totals[0]:
+            del self._streams[stream]
+            self._uncache(stream)
 
     def _uncache(self, stream: str) -> None:
         tail = self._tails.pop(stream, None)
         if tail:
             self._cached_bytes -= sum(message_size(m.topic, m.payload, m.properties) for m in tail.values())
+            tail_of = self._tail_of
+            for msg_id in tail:
+                del tail_of[msg_id]
 
     def append_many(self, messages: Iterable[NewMessage]) -> list[int | None]:
         """Like :meth:`append` for each message in order, in one transaction (committed on return).
@@ -348,34 +389,9 @@ class MessageStore:
         Each message is accepted if it fits after the ones accepted before it; the result holds its id or
         ``None`` at the same position. On a :class:`StoreError` none of them is stored.
         """
-        next_id = self._next_id
-        total = self._total_bytes
-        limit = self._max_bytes
-        rows: list[tuple[int, str, str, bytes, int, int, bytes, float, int]] = []
-        ids: list[int | None] = []
-        rejected = 0
-        for stream, topic, payload, qos, retain, properties, created in messages:
-            size = len(topic.encode()) + len(payload) + len(properties) + ROW_OVERHEAD
-            if total + size > limit:
-                rejected += 1
-                ids.append(None)
-                continue
-            total += size
-            rows.append((next_id, stream, topic, payload, qos, 1 if retain else 0, properties, created, size))
-            ids.append(next_id)
-            next_id += 1
-        if rows:
-            try:
-                self._begin()
-                self._con.executemany(_INSERT, rows)
-                self._execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._failed("append failed", exc) from exc
-        self.rejected_full += rejected
-        self._next_id = next_id
-        for msg_id, stream, topic, payload, qos, retained, properties, created, size in rows:
-            stored = StoredMessage(msg_id, stream, topic, payload, qos, bool(retained), properties, created)
-            self._count_in(stream, size, stored)
+        ids = [self.append(*message, commit=False) for message in messages]
+        if any(msg_id is not None for msg_id in ids):
+            self.commit()
         return ids
 
     def delete(self, ids: Iterable[int]) -> int:
@@ -390,57 +406,83 @@ class MessageStore:
     def discard(self, ids: Iterable[int]) -> int:
         """Like :meth:`delete`, but written by the next commit (an append, a delete, :meth:`commit`,
         :meth:`close`): gone from :meth:`peek` and the totals at once, back after a crash before that
-        commit (see the module docstring)."""
-        id_list = [int(i) for i in ids]
-        if not id_list:
-            return 0
+        commit (see the module docstring). A message appended since the last commit is never written."""
+        pending = self._rows
+        tail_of = self._tail_of
+        removed = 0
+        unknown: list[int] = []  # neither pending nor in memory: deleted in the file now
+        for msg_id in ids:
+            row = pending.pop(msg_id, None)
+            if row is not None:  # never written
+                self._count_out(msg_id, row[1], row[8])
+            elif (tail := tail_of.get(msg_id)) is not None:
+                message = tail[msg_id]
+                self._count_out(
+                    msg_id, message.stream, message_size(message.topic, message.payload, message.properties)
+                )
+                self._doomed.append(msg_id)
+            else:
+                unknown.append(int(msg_id))
+                continue
+            removed += 1
+        if not unknown:
+            return removed
         try:
+            self._write_pending()  # a doomed id among them is gone before the file is asked
             self._begin()
             if not _HAS_RETURNING:
-                rows = self._delete_select(id_list)
-            elif len(id_list) == 1:
-                rows = self._execute(_DELETE_ONE, (id_list[0],)).fetchall()
+                rows = self._delete_select(unknown)
+            elif len(unknown) == 1:
+                rows = self._execute(_DELETE_ONE, (unknown[0],)).fetchall()
             elif self._json:
-                rows = self._execute(_DELETE_JSON, (json.dumps(id_list),)).fetchall()
+                rows = self._execute(_DELETE_JSON, (json.dumps(unknown),)).fetchall()
             else:
-                rows = [row for msg_id in id_list for row in self._execute(_DELETE_ONE, (msg_id,))]
+                rows = [row for msg_id in unknown for row in self._execute(_DELETE_ONE, (msg_id,))]
         except sqlite3.Error as exc:
             raise self._failed("delete failed", exc) from exc
-        streams = self._streams
-        tails = self._tails
         for msg_id, stream, size in rows:
-            totals = streams[stream]
-            totals[0] -= 1
-            totals[1] -= size
-            self._total_count -= 1
-            self._total_bytes -= size
-            tail = tails.get(stream)
-            if tail is not None and tail.pop(msg_id, None) is not None:
-                self._cached_bytes -= size
-            if not totals[0]:
-                del streams[stream]
-                self._uncache(stream)
-        return len(rows)
+            self._count_out(msg_id, stream, size)
+        return removed + len(rows)
 
     def commit(self) -> None:
         """Commit what :meth:`discard` and ``append(commit=False)`` left pending (nothing to do when nothing
         is)."""
-        if self._con.in_transaction:
+        if self._rows or self._doomed or self._con.in_transaction:
             try:
+                self._write_pending()
                 self._execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._failed("commit failed", exc) from exc
+
+    def _write_pending(self) -> None:
+        """Insert the pending appends and delete the doomed messages in the open transaction (begun here
+        if none is): one ``executemany`` each."""
+        rows = self._rows
+        doomed = self._doomed
+        if not rows and not doomed:
+            return
+        self._begin()
+        if rows:
+            self._con.executemany(_INSERT, rows.values())
+            rows.clear()
+        if doomed:
+            self._con.executemany(_DELETE_PLAIN, [(msg_id,) for msg_id in doomed])
+            doomed.clear()
 
     def _begin(self) -> None:
         if not self._con.in_transaction:
             self._execute("BEGIN")
 
     def _failed(self, what: str, exc: sqlite3.Error) -> StoreError:
-        """Roll back the failed transaction (pending discards included: those messages come back at the
-        next open) and name the cause."""
+        """Roll back the failed transaction and forget the pending appends (none of them is stored) and
+        discards (those messages come back at the next open); name the cause."""
         if not self._closed and self._con.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._execute("ROLLBACK")
+        for msg_id, stream, *_, size in list(self._rows.values()):
+            self._count_out(msg_id, stream, size)
+        self._rows.clear()
+        self._doomed.clear()
         return self._error(what, exc)
 
     def _delete_select(self, ids: list[int]) -> list[Any]:
@@ -474,9 +516,10 @@ class MessageStore:
                         break
             return found
         try:
+            self._write_pending()
             rows = self._execute(_PEEK, (stream, after_id, limit)).fetchall()
         except sqlite3.Error as exc:
-            raise self._error("read failed", exc) from exc
+            raise self._failed("read failed", exc) from exc
         return [
             StoredMessage(msg_id, stream, topic, payload, qos, bool(retain), properties, created)
             for msg_id, topic, payload, qos, retain, properties, created in rows
@@ -510,7 +553,7 @@ class MessageStore:
     @property
     def uncommitted(self) -> bool:
         """Appends or discards wait for :meth:`commit`."""
-        return not self._closed and self._con.in_transaction
+        return not self._closed and bool(self._rows or self._doomed or self._con.in_transaction)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and restart it (two fsyncs: milliseconds on a slow disk).
@@ -526,13 +569,16 @@ class MessageStore:
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL into it); closing twice is harmless."""
-        if not self._closed:
+        if self._closed:
+            return
+        try:
+            self.commit()
+        finally:
             self._closed = True
             self._tails.clear()
+            self._tail_of.clear()
             self._cached_bytes = 0
             try:
-                if self._con.in_transaction:
-                    self._execute("COMMIT")
                 self._con.close()
             except sqlite3.Error as exc:
                 raise self._error("close failed", exc) from exc

@@ -78,11 +78,13 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         _grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        # once for every datagram read in this loop iteration: one broker commit; scheduled first, so the
+        # answers leave ahead of what handling the datagram writes elsewhere (an upstream PUBLISH)
+        self.schedule_flush()
         if self.packet_trace is None:
             self.core.receive_datagram(data, addr, self.loop.time())
         else:
             self.packet_trace.receive(self.core.receive_datagram, data, addr, self.loop.time())
-        self.schedule_flush()  # once for every datagram read in this loop iteration: one broker commit
 
     def error_received(self, exc: Exception) -> None:
         log.info("%s socket error: %s", self.name, exc)

@@ -18,14 +18,14 @@ Store-and-forward: every QoS 1/2 message from a device is first committed to a b
 (:class:`core.store.MessageStore`, ``upstream.buffer_dir``, ``upstream.max_buffer_bytes``) and acknowledged to
 the device; a forwarder sends each stream upstream in order within the connection's window and deletes a
 message once the upstream broker acknowledged it. An outage, or mqgate restarting, loses nothing that was
-acknowledged. Group commit: the messages of one event-loop iteration share one sqlite commit, made by
-:meth:`UpstreamBroker.commit`, which the gateways call before they send what acknowledges them (and, as a
-safety net, from the loop right after); deletions ride on the next commit (or one within
-:data:`DELETE_COMMIT_DELAY`). The guarantee is against the process dying (crash, ``SIGKILL``, restart): the
-store runs sqlite in WAL mode with ``synchronous=NORMAL``, so a commit is written to the OS but not fsync'ed;
-a power loss or OS crash may lose the last commits (see :mod:`core.store`). A full buffer answers new QoS
-1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01, CoAP 5.03). QoS 0 during an outage is dropped and
-counted.
+acknowledged. Group commit: the messages of one event-loop iteration share one sqlite commit (one
+``executemany`` of their rows, see :mod:`core.store`), made by :meth:`UpstreamBroker.commit`, which the
+gateways call before they send what acknowledges them (and, as a safety net, from the loop right after);
+deletions ride on the next commit (or one within :data:`DELETE_COMMIT_DELAY`). The guarantee is against the
+process dying (crash, ``SIGKILL``, restart): the store runs sqlite in WAL mode with ``synchronous=NORMAL``,
+so a commit is written to the OS but not fsync'ed; a power loss or OS crash may lose the last commits (see
+:mod:`core.store`). A full buffer answers new QoS 1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01,
+CoAP 5.03). QoS 0 during an outage is dropped and counted.
 
 Each device keeps a local :class:`core.broker.session.Session` for deliveries (inflight window, bounded
 queue, sleep), exactly as on the embedded broker.
@@ -501,8 +501,8 @@ class UpstreamBroker:
         return 0
 
     def _delivered_upstream(self, stored_id: int) -> None:
-        """Deleted from the store once per loop iteration, in one statement, committed with the next
-        append or within :data:`DELETE_COMMIT_DELAY` (the delete need not be durable at once: QoS 1)."""
+        """Discarded from the store once per loop iteration, written with the next commit or within
+        :data:`DELETE_COMMIT_DELAY` (the delete need not be durable at once: QoS 1)."""
         delivered = self._delivered
         if not delivered:
             asyncio.get_running_loop().call_soon(self._discard_delivered)

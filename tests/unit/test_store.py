@@ -429,6 +429,39 @@ def test_close_commits_what_is_pending(db: Path) -> None:
         assert _ids(list(store)) == [second]
 
 
+def test_nothing_is_written_before_the_commit_and_a_message_discarded_before_it_never_is(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        sent = put(store)
+        statements: list[str] = []
+        store._con.set_trace_callback(statements.append)
+        kept = store.append("s", "t", b"kept", 1, commit=False)
+        delivered = store.append("s", "t", b"delivered", 1, commit=False)
+        assert store.discard([sent, delivered]) == 2  # acknowledged upstream: one committed, one not yet
+        assert statements == [] and store.uncommitted
+        assert _ids(store.peek("s", 10)) == [kept]
+        store.commit()
+        assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "DELETE", "COMMIT"]
+        assert f"VALUES({kept}," in statements[1].replace(" ", "")
+        die(store)
+    with MessageStore(db, BIG) as store:
+        assert [m.payload for m in store] == [b"kept"]
+
+
+def test_a_failed_commit_forgets_its_appends_and_names_the_file(db: Path) -> None:
+    with MessageStore(db, BIG) as store:
+        first = put(store)
+        assert store.append("s", "t", b"second", 1, commit=False) is not None
+        store._next_id = first  # the next append takes the id of a stored message: its INSERT fails
+        assert store.append("s", "t", b"clash", 1, commit=False) == first
+        assert store.count() == 3
+        with pytest.raises(StoreError, match=re.escape(str(db))):
+            store.commit()
+        assert not store.uncommitted
+        assert store.count() == 1 and store.bytes() == message_size("t", b"x")
+    with MessageStore(db, BIG) as store:
+        assert [m.payload for m in store] == [b"x"]
+
+
 def test_a_stream_over_the_cache_bound_is_read_from_the_file_until_it_is_empty(db: Path) -> None:
     size = message_size("t", b"x" * 10)
     with MessageStore(db, BIG, cache_bytes=3 * size) as store:

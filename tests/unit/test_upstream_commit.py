@@ -131,3 +131,31 @@ def test_the_udp_adapter_commits_once_per_batch_of_datagrams_before_answering() 
     commits, answers = asyncio.run(run())
     assert commits == [3]
     assert answers == [b"ack a", b"ack b", b"ack c"]
+
+
+def test_the_udp_adapter_commits_and_answers_before_what_handling_the_datagram_scheduled() -> None:
+    """An upstream client queues its PUBLISH with ``call_soon`` while the datagram is handled; the
+    adapter's commit and answers come first, so the device's PUBACK does not wait for that write."""
+
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+
+        class Forwarding(Core):
+            def receive_datagram(self, data: bytes, peer: Hashable, now: float) -> None:
+                super().receive_datagram(data, peer, now)
+                loop.call_soon(order.append, "upstream write")
+
+        class Committing(RecordingBroker):
+            def commit(self) -> None:
+                order.append("commit")
+
+        core = Forwarding()
+        adapter = Adapter(core, Committing(core))
+        adapter.datagram_received(b"a", ("127.0.0.1", 9))
+        for _ in range(2):  # the callbacks of one loop iteration
+            await asyncio.sleep(0)
+        await adapter.stop()
+        return order
+
+    assert asyncio.run(run()) == ["commit", "upstream write"]
