@@ -1,6 +1,6 @@
 """What the benchmarks share: starting, pinning and stopping the process under test, free loopback ports,
 probes of a process's CPU time and resident memory and of the CPUs' busy time, many UDP endpoints on one
-epoll, command-line parsing and the printed tables."""
+epoll, what every run records (``Outcome``), command-line parsing and the printed tables."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,10 @@ class StartError(Exception):
 
 class Unavailable(Exception):
     """A peer cannot be run on this machine (not installed, install failed)."""
+
+
+class LoadError(Exception):
+    """The load generator could not complete a run (setup failed, a process died or timed out)."""
 
 
 def tail(text: str, lines: int = 5) -> str:
@@ -63,6 +68,49 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
         else:
             return
     raise StartError(f"not accepting connections on port {port} after {START_TIMEOUT_S:.0f} s")
+
+
+def udp_ready(
+    port: int, request: bytes, answers: Callable[[bytes], bool], log: Path
+) -> Callable[[subprocess.Popen[bytes]], None]:
+    """Readiness for :func:`running`: the process answers ``request`` on UDP ``port`` with a datagram that
+    ``answers`` accepts; ``request`` goes out every 0.2 s until then. Raises StartError (with the end of
+    ``log`` if the process exited) after ``START_TIMEOUT_S``."""
+
+    def ready(proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last = "none"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((HOST, port))
+            sock.settimeout(0.2)
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise StartError(
+                        f"exited with code {proc.returncode}: {tail(log.read_text(errors='replace'))}"
+                    )
+                try:
+                    sock.send(request)
+                    answer = sock.recv(256)
+                except TimeoutError:
+                    continue
+                except ConnectionRefusedError:  # an ICMP error: nothing listening yet
+                    time.sleep(0.05)
+                    continue
+                if answers(answer):
+                    return
+                last = answer.hex()
+        raise StartError(
+            f"no answer to {request.hex()} on udp port {port} after {START_TIMEOUT_S:.0f} s (last: {last})"
+        )
+
+    return ready
+
+
+def coap_ready(port: int, log: Path) -> Callable[[subprocess.Popen[bytes]], None]:
+    """Readiness for :func:`running`: the process answers a CoAP ping (an empty CON) on UDP ``port`` with
+    a RST (RFC 7252 §4.3)."""
+    ping = bytes((0x40, 0, 0x12, 0x34))
+    return udp_ready(port, ping, lambda answer: answer[:1] == b"\x70" and answer[2:4] == ping[2:4], log)
 
 
 def _pin_threads(pid: int, cpus: set[int]) -> None:
@@ -131,9 +179,12 @@ def reap(proc: BaseProcess | None) -> None:
             proc.join(STOP_TIMEOUT_S)
 
 
-def log_summary(path: Path | None) -> tuple[int, str]:
-    """The number of lines of a process's log and its last 10, joined."""
-    lines = path.read_text(errors="replace").splitlines() if path is not None and path.exists() else []
+def log_summary(path: Path, levels: Collection[str] = ()) -> tuple[int, str]:
+    """The number of lines of a process's log and its last 10, joined; only the lines at ``levels``
+    (``"warning"``, ...) if any are given."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    if levels:
+        lines = [line for line in lines if any(f" {level} " in line for level in levels)]
     return len(lines), tail("\n".join(lines), 10)
 
 
@@ -150,6 +201,21 @@ def mqgate_toml(sections: str, disabled: Collection[str], log_level: str = "warn
         + "".join(f"[{name}]\nenabled = false\n\n" for name in disabled)
         + f'[log]\nlevel = "{log_level}"\n'
     )
+
+
+def gateway_config(config: Path, gateway: str, settings: str, disabled: Collection[str]) -> tuple[int, int]:
+    """Writes into ``config`` the configuration of an mqgate with its MQTT listener and the gateway
+    ``gateway`` (``"mqttsn"``) on free ports, the gateway's ``settings`` (TOML lines; more sections may
+    follow) and ``disabled`` switched off; returns the listener's TCP port and the gateway's UDP port."""
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    config.write_text(
+        mqgate_toml(
+            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
+            f'[gateways.{gateway}]\nbind = "{HOST}:{udp_port}"\n{settings}\n',
+            disabled,
+        )
+    )
+    return tcp_port, udp_port
 
 
 def mosquitto_command(workdir: Path, port: int) -> list[str]:
@@ -307,6 +373,14 @@ class Usage:
     drops: int | None
     """Datagrams the kernel dropped at the UDP socket measured (None: no such socket)."""
 
+    def figures(
+        self, names: Sequence[str], unit: str, load_cpu_s: float, seconds: float, count: int
+    ) -> dict[str, float | None]:
+        """:func:`cpu_figures` of these processes, ``names`` naming them in order."""
+        return cpu_figures(
+            unit, dict(zip(names, self.cpu_s, strict=True)), load_cpu_s, self.busy_s, seconds, count
+        )
+
 
 class Meter:
     """Takes the CPU time of ``pids``, the busy time of ``cpus`` and the drops at UDP ``port`` at creation;
@@ -330,16 +404,66 @@ def pct(part: float, whole: float) -> float | None:
 
 
 def cpu_figures(
-    name: str, unit: str, cpu_s: float, load_cpu_s: float, busy_s: float | None, seconds: float, count: int
+    unit: str,
+    cpu_s: Mapping[str, float],
+    load_cpu_s: float,
+    busy_s: float | None,
+    seconds: float,
+    count: int,
 ) -> dict[str, float | None]:
-    """``{name}_cpu_us_per_{unit}`` (CPU time of the process under test per ``count``), ``{name}_cpu_pct``,
-    ``load_cpu_pct`` and ``other_cpu_pct`` (what else kept the CPUs busy) over ``seconds``."""
-    return {
-        f"{name}_cpu_us_per_{unit}": cpu_s * 1e6 / count if count else None,
-        f"{name}_cpu_pct": pct(cpu_s, seconds),
+    """For each process under test ``name`` in ``cpu_s``, ``{name}_cpu_us_per_{unit}`` (its CPU time per
+    ``count``) and ``{name}_cpu_pct``; then ``load_cpu_pct`` and ``other_cpu_pct`` (what else kept the CPUs
+    busy) over ``seconds``."""
+    out: dict[str, float | None] = {}
+    for name, spent in cpu_s.items():
+        out[f"{name}_cpu_us_per_{unit}"] = spent * 1e6 / count if count else None
+        out[f"{name}_cpu_pct"] = pct(spent, seconds)
+    other = None if busy_s is None else busy_s - sum(cpu_s.values()) - load_cpu_s
+    return out | {
         "load_cpu_pct": pct(load_cpu_s, seconds),
-        "other_cpu_pct": None if busy_s is None else pct(busy_s - cpu_s - load_cpu_s, seconds),
+        "other_cpu_pct": None if other is None else pct(other, seconds),
     }
+
+
+@dataclass(slots=True, kw_only=True)
+class Outcome:
+    """What every run records besides its measurements, filled in as it goes: why it failed, and how much the
+    process under test logged."""
+
+    LOG_LEVELS: ClassVar[tuple[str, ...]] = ()
+    """Only log lines at these levels count (every line if empty)."""
+    LOG_KEY: ClassVar[str] = "log_lines"
+    """The name of their count in the figures."""
+
+    error: str | None = None
+    log_lines: int = 0
+    log_tail: str = ""
+
+    @contextlib.contextmanager
+    def recording(self, log: Path, *also: type[Exception]) -> Iterator[None]:
+        """Records a LoadError, an OSError or one of ``also`` raised inside as the run's error, and the
+        summary of ``log`` at the end."""
+        caught: tuple[type[Exception], ...] = (LoadError, OSError, *also)
+        try:
+            yield
+        except caught as exc:
+            self.error = str(exc) or repr(exc)
+        finally:
+            self.log_lines, self.log_tail = log_summary(log, self.LOG_LEVELS)
+
+    def outcome_figures(self) -> dict[str, Any]:
+        return {"error": self.error, self.LOG_KEY: self.log_lines, "log_tail": self.log_tail}
+
+    def print_progress(self, label: str, measured: str | None) -> None:
+        """Prints ``label: measured`` if the run measured anything, why it failed if it did, and how the log
+        ends if anything counted was logged or the run failed."""
+        if measured:
+            print(f"{label}: {measured}", flush=True)
+        if self.error:
+            print(f"{label}: failed: {self.error}", flush=True)
+        if self.log_lines or (self.error and self.log_tail):
+            levels = f" at {'/'.join(self.LOG_LEVELS)}" if self.LOG_LEVELS else ""
+            print(f"  log, {self.log_lines} lines{levels}, ends: {self.log_tail}", flush=True)
 
 
 # ---------------------------------------------------------------- many UDP endpoints
@@ -347,7 +471,7 @@ def cpu_figures(
 
 class UdpEndpoints:
     """``n`` non-blocking UDP sockets connected to ``HOST:port``, on one epoll; ``index_of`` maps a socket's
-    file descriptor to its index."""
+    file descriptor to its index. As a context manager, closes them on the way out."""
 
     def __init__(self, n: int, port: int, rcvbuf: int | None = None) -> None:
         self.socks: list[socket.socket] = []
@@ -371,6 +495,12 @@ class UdpEndpoints:
         self.poller.close()
         for sock in self.socks:
             sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def exchange(
         self,
@@ -412,6 +542,43 @@ class UdpEndpoints:
 
 
 # ---------------------------------------------------------------- command line and report
+
+
+@contextlib.contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A temporary directory for a benchmark's configurations and logs; ends the program with one line on
+    Ctrl-C or when mqgate fails to start (a StartError)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"mqgate-bench-{name}-") as workdir:
+            yield Path(workdir)
+    except StartError as exc:
+        sys.exit(f"mqgate: failed to start: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``doc`` as its description, ``--quick`` doing ``quick``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    return parser
+
+
+def add_numbers(parser: argparse.ArgumentParser, flag: str, default: Sequence[int]) -> None:
+    """``flag``: a comma-separated list of positive integers, ``default`` if not given."""
+    parser.add_argument(
+        flag,
+        type=positive_ints,
+        default=list(default),
+        help=f"comma-separated, default {','.join(map(str, default))}",
+    )
+
+
+def add_names(parser: argparse.ArgumentParser, flag: str, known: Collection[str]) -> None:
+    """``flag``: a comma-separated list of names from ``known``, all of them if not given."""
+    parser.add_argument(
+        flag, type=names_of(known), default=list(known), help=f"comma-separated, default {','.join(known)}"
+    )
 
 
 def positive_ints(value: str) -> list[int]:
@@ -471,6 +638,16 @@ class BusyFlags:
         busy = (other_cpu_pct or 0.0) > BUSY_OTHER_PCT
         self.flagged |= busy
         return fmt(other_cpu_pct, ".0f", "%") + ("!" if busy else "")
+
+    def cpu_cells(self, figures: Mapping[str, Any], names: Sequence[str], unit: str) -> list[str]:
+        """The table's cells for :func:`cpu_figures`: CPU time per ``unit`` of each process in ``names``,
+        then their shares, the load generator's and the others' (flagged)."""
+        return [
+            *(fmt(figures[f"{name}_cpu_us_per_{unit}"], ".1f") for name in names),
+            *(fmt(figures[f"{name}_cpu_pct"], ".0f", "%") for name in names),
+            fmt(figures["load_cpu_pct"], ".0f", "%"),
+            self.cell(figures["other_cpu_pct"]),
+        ]
 
     def print_note(self, rates: str, cpu: str) -> None:
         """The footnote, if a row was flagged: its ``rates`` (``"msgs/s"``) are not comparable, ``cpu``

@@ -12,6 +12,7 @@ broker is never buried under a backlog that would take minutes to drain. Every w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from _common import HOST
+from _common import HOST, LoadError, reap
 
 PAYLOAD_SIZE = 64
 BATCH = 100
@@ -48,10 +49,6 @@ _U16 = struct.Struct(">H")
 _PUBACK = 0x40
 _SUBSCRIBE_CHUNK = 100
 _now_ns = time.monotonic_ns
-
-
-class LoadError(Exception):
-    """The load generator could not complete a run (setup failed, a process died or timed out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +480,32 @@ class StampedSubscriber:
     latency_every: int
     """One latency is kept per this many messages."""
 
-    def main(
+    @contextlib.contextmanager
+    def started(self, cpus: set[int] | None) -> Iterator[Callable[[int], Received]]:
+        """Runs the subscriber in a process of its own pinned to ``cpus`` and yields once it has subscribed;
+        what it yields, given how many messages to expect, returns what the subscriber received. Tells it to
+        stop and reaps it on the way out."""
+        ctx = mp.get_context("fork")
+        expected = ctx.RawValue(ctypes.c_int64, -1)
+        results: mp.Queue[tuple[str, Any]] = ctx.Queue()
+        inbox = Inbox(results)
+        process = ctx.Process(target=self._main, args=(cpus, expected, results), daemon=True)
+
+        def received(count: int) -> Received:
+            expected.value = count
+            got: Received = inbox.take("sub", self.drain_s + SETUP_TIMEOUT_S)
+            return got
+
+        try:
+            process.start()
+            inbox.take("sub-ready", SETUP_TIMEOUT_S)
+            yield received
+        finally:
+            expected.value = max(expected.value, 0)  # a subscriber still waiting stops
+            reap(process)
+            results.close()
+
+    def _main(
         self, cpus: set[int] | None, expected: ctypes.c_int64, results: mp.Queue[tuple[str, Any]]
     ) -> None:
         """Process target: puts ``("sub-ready", None)`` once subscribed, then ``("sub", Received)``."""
@@ -613,12 +635,8 @@ def run(load: Load, cpus: set[int] | None, probe: Callable[[], tuple[float, floa
     finally:
         finished.set()
         published.value = max(published.value, 0)  # a subscriber still waiting stops
-        for proc in (pub, sub):
-            if proc.pid is not None:
-                proc.join(5)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(5)
+        reap(pub)
+        reap(sub)
         results.close()
     seconds = (last_ns - start_ns) / 1e9 if n else 0.0
     return RunResult(

@@ -11,14 +11,12 @@ mqgate's msgs/s divided by each peer's, then one JSON line with every figure. Se
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import random
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,22 +26,27 @@ from _common import (
     HOST,
     REPO,
     BusyFlags,
+    LoadError,
     Pinning,
     StartError,
     Unavailable,
+    add_names,
+    bench_parser,
     busy_seconds,
     cpu_figures,
     cpu_seconds,
     fmt,
     free_port,
     mosquitto_command,
-    names_of,
+    mqgate_argv,
+    mqgate_toml,
     pin_load_generator,
     print_table,
     running,
+    scratch,
     tail,
 )
-from _loadgen import Load, LoadError, RunResult, run
+from _loadgen import Load, RunResult, run
 
 AMQTT_VENV = REPO / "bench" / ".venv-amqtt"
 AMQTT_REQUIREMENT = "amqtt==0.12.1"
@@ -67,10 +70,13 @@ def _mqgate_command(workdir: Path, port: int) -> list[str]:
     config = workdir / "mqgate.toml"
     # The same limits as mosquitto's below: 100 QoS 1 messages in flight, a queue that does not drop.
     config.write_text(
-        f'[listeners.tcp]\nbind = "{HOST}:{port}"\n\n[log]\nlevel = "warning"\n\n'
-        "[broker]\nmax_inflight = 100\nmax_mqueue_len = 1000000\n"
+        mqgate_toml(
+            f'[listeners.tcp]\nbind = "{HOST}:{port}"\n\n'
+            "[broker]\nmax_inflight = 100\nmax_mqueue_len = 1000000\n\n",
+            (),
+        )
     )
-    return [sys.executable, "-m", "core.cli", "--config", str(config)]
+    return mqgate_argv(config)
 
 
 def _amqtt_command(workdir: Path, port: int) -> list[str]:
@@ -211,7 +217,7 @@ class Row:
                 asdict(r)
                 | {"lost": r.expected - r.delivered}
                 | cpu_figures(
-                    "broker", "msg", r.broker_cpu_s, r.load_cpu_s, r.cpus_busy_s, r.seconds, r.delivered
+                    "msg", {"broker": r.broker_cpu_s}, r.load_cpu_s, r.cpus_busy_s, r.seconds, r.delivered
                 )
             )
         return out
@@ -259,10 +265,7 @@ def _print_table(rows: list[Row], ratios: dict[str, dict[str, float]]) -> None:
                 fmt(f["msgs_per_s"], ",.0f"),
                 fmt(f["p50_ms"], ".2f"),
                 fmt(f["p99_ms"], ".2f"),
-                fmt(f["broker_cpu_us_per_msg"], ".1f"),
-                fmt(f["broker_cpu_pct"], ".0f", "%"),
-                fmt(f["load_cpu_pct"], ".0f", "%"),
-                busy.cell(f["other_cpu_pct"]),
+                *busy.cpu_cells(f, ("broker",), "msg"),
                 f"{f['delivered']:,}",
                 f"{f['lost']:,}",
                 fmt(ratios.get(row.scenario, {}).get(row.broker), ".2f"),
@@ -320,39 +323,21 @@ def _bench_broker(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="a tenth of the messages, 1 s per scenario")
-    parser.add_argument(
-        "--brokers",
-        type=names_of(BROKERS),
-        default=list(BROKERS),
-        help=f"comma-separated, default {','.join(BROKERS)}",
-    )
-    parser.add_argument(
-        "--scenarios",
-        type=names_of(SCENARIOS),
-        default=list(SCENARIOS),
-        help=f"comma-separated, default {','.join(SCENARIOS)}",
-    )
+    parser = bench_parser(__doc__, "a tenth of the messages, 1 s per scenario")
+    add_names(parser, "--brokers", BROKERS)
+    add_names(parser, "--scenarios", SCENARIOS)
     args = parser.parse_args()
 
     pinning = pin_load_generator("broker")
 
     rows: list[Row] = []
     skipped: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="mqgate-bench-") as tmp:
-        try:
-            for name in args.brokers:
-                broker_rows, skip = _bench_broker(
-                    BROKERS[name], args.scenarios, args.quick, Path(tmp), pinning
-                )
-                rows += broker_rows
-                if skip:
-                    skipped[name] = skip
-        except KeyboardInterrupt:
-            sys.exit("interrupted")
+    with scratch("broker") as workdir:
+        for name in args.brokers:
+            broker_rows, skip = _bench_broker(BROKERS[name], args.scenarios, args.quick, workdir, pinning)
+            rows += broker_rows
+            if skip:
+                skipped[name] = skip
 
     ratios = _ratios(rows)
     _print_table(rows, ratios)

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
-import multiprocessing as mp
 import os
 import select
 import shutil
@@ -32,45 +30,44 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from _common import (
     HOST,
     REPO,
-    START_TIMEOUT_S,
     BusyFlags,
+    LoadError,
     Meter,
+    Outcome,
     Pinning,
     StartError,
     UdpEndpoints,
     Unavailable,
-    cpu_figures,
+    Usage,
+    add_names,
+    bench_parser,
+    coap_ready,
     fmt,
     free_port,
-    log_summary,
     mib,
     mqgate_argv,
     mqgate_config,
     mqgate_toml,
-    names_of,
     pin_load_generator,
     print_table,
-    reap,
     rss_bytes,
     running,
+    scratch,
     sections_to_disable,
     sockets_error,
-    tail,
 )
-from _loadgen import Inbox, LoadError, Received, StampedSubscriber, connect, percentile_ms
+from _loadgen import Received, StampedSubscriber, connect, percentile_ms
 
 WINDOWS = (1, 8, 64)
 OBSERVERS = (1, 1_000)
@@ -208,18 +205,12 @@ class Live:
 
 
 def _argv(
-    server: Server,
-    workdir: Path,
-    label: str,
-    udp_port: int,
-    tcp_port: int,
-    mqgate: MqgateSetup | None,
-    notify: str,
+    server: Server, config: Path, udp_port: int, tcp_port: int, mqgate: MqgateSetup | None, notify: str
 ) -> list[str]:
+    """The command line of ``server``; mqgate's configuration goes to ``config``."""
     if server.name == "mqgate":
         if mqgate is None:
             raise Unavailable("mqgate's configuration could not be read")
-        config = workdir / f"mqgate-{label}.toml"
         config.write_text(
             mqgate_toml(
                 f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
@@ -240,54 +231,17 @@ def _argv(
     return [exe, "-A", HOST, "-p", str(udp_port)]
 
 
-def _wait_coap(port: int, log: Path) -> Callable[[subprocess.Popen[bytes]], None]:
-    """Readiness: the server answers a CoAP ping (an empty CON) with a RST (§4.3); one ping per 0.1 s."""
-
-    def ready(proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        last = "none"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((HOST, port))
-            mid = 0
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise StartError(
-                        f"exited with code {proc.returncode}: {tail(log.read_text(errors='replace'))}"
-                    )
-                mid = mid % 0xFFFF + 1
-                until = time.monotonic() + 0.1
-                with contextlib.suppress(OSError):  # ICMP port unreachable: nothing listening yet
-                    sock.send(_HEADER.pack(0x40 | _CON << 4, 0, mid))
-                    while (left := until - time.monotonic()) > 0:
-                        sock.settimeout(left)
-                        answer = sock.recv(64)
-                        if len(answer) >= 4 and _HEADER.unpack_from(answer) == (_RST_0, 0, mid):
-                            return
-                        last = answer.hex()
-                time.sleep(max(0.0, until - time.monotonic()))
-        raise StartError(
-            f"no RST to a CoAP ping on udp port {port} after {START_TIMEOUT_S:.0f} s (last answer: {last})"
-        )
-
-    return ready
-
-
 @contextlib.contextmanager
 def serving(
-    server: Server,
-    workdir: Path,
-    label: str,
-    cpus: set[int] | None,
-    mqgate: MqgateSetup | None,
-    notify: str = "non",
+    server: Server, log: Path, cpus: set[int] | None, mqgate: MqgateSetup | None, notify: str = "non"
 ) -> Iterator[Live]:
-    """Starts ``server``, yields it once it answers CoAP; always stops and reaps it. Raises ``Unavailable``
-    or ``StartError`` when it cannot start."""
+    """Starts ``server`` with its output in ``log`` (mqgate's configuration beside it), yields it once it
+    answers CoAP; always stops and reaps it. Raises ``Unavailable`` or ``StartError`` when it cannot
+    start."""
     udp_port, tcp_port = free_port(socket.SOCK_DGRAM), free_port()
-    argv = _argv(server, workdir, label, udp_port, tcp_port, mqgate, notify)
-    log = workdir / f"{server.name}-{label}.log"
+    argv = _argv(server, log.with_suffix(".toml"), udp_port, tcp_port, mqgate, notify)
     mqtt = server.name == "mqgate"
-    with running(argv, log, tcp_port if mqtt else None, cpus, _wait_coap(udp_port, log)) as proc:
+    with running(argv, log, tcp_port if mqtt else None, cpus, coap_ready(udp_port, log)) as proc:
         yield Live(proc, udp_port, tcp_port if mqtt else None, log)
 
 
@@ -465,7 +419,7 @@ def put_load(
 
 
 @dataclass(slots=True)
-class PutRun:
+class PutRun(Outcome):
     """A requests run (``sustained`` False) or a sustained run against one server, filled in as it goes."""
 
     server: str
@@ -473,35 +427,25 @@ class PutRun:
     seconds: float
     """Sending time asked for."""
     sustained: bool
-    error: str | None = None
     requests: Requests | None = None
     received: Received | None = None
     """mqgate's subscriber."""
-    server_cpu_s: float = 0.0
-    cpus_busy_s: float | None = None
-    drops: int | None = None
-    """Datagrams the kernel dropped at the server's socket during the run."""
-    log_lines: int = 0
-    log_tail: str = ""
+    usage: Usage | None = None
+    """What the server spent during the run; its drops are at the server's socket."""
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "server": self.server,
             "window": self.window,
             "sustained": self.sustained,
-            "error": self.error,
-            "drops": self.drops,
-            "log_lines": self.log_lines,
-            "log_tail": self.log_tail,
-        }
-        r = self.requests
-        if r is None:
+            "drops": None if self.usage is None else self.usage.drops,
+        } | self.outcome_figures()
+        r, u = self.requests, self.usage
+        if r is None or u is None:
             return out
         seconds = (r.last_ns - r.start_ns) / 1e9 if r.answered else 0.0
         load_cpu_s = r.cpu_s + (self.received.cpu_s if self.received else 0.0)
-        out |= cpu_figures(
-            "server", "request", self.server_cpu_s, load_cpu_s, self.cpus_busy_s, seconds, r.answered
-        )
+        out |= u.figures(("server",), "request", load_cpu_s, seconds, r.answered)
         out |= {
             "requests": asdict(r),
             "received": None if self.received is None else asdict(self.received),
@@ -536,52 +480,37 @@ def put_run(
     """One requests or sustained run on a fresh server; raises Unavailable or StartError if it cannot
     start."""
     run = PutRun(server.name, window, seconds, sustained)
-    label = f"sustained-{window}" if sustained else f"w{window}"
-    ctx = mp.get_context("fork")
-    expected = ctx.RawValue(ctypes.c_int64, -1)
-    results: mp.Queue[tuple[str, Any]] = ctx.Queue()
-    sub: BaseProcess | None = None
-    log: Path | None = None
-    try:
-        with serving(server, workdir, label, pinning.broker, mqgate) as live:
-            log = live.log
-            pid = live.proc.pid
-            inbox = Inbox(results)
-            if live.tcp_port is not None:
-                subscriber = StampedSubscriber(
-                    live.tcp_port,
-                    "bench/#",
-                    f"bench-coap-sub-{os.getpid()}",
-                    seconds + DRAIN_S + SETUP_TIMEOUT_S,
-                    DRAIN_S,
-                    SUSTAIN_LATENCY_EVERY,
-                )
-                sub = ctx.Process(target=subscriber.main, args=(pinning.load, expected, results), daemon=True)
-                sub.start()
-                inbox.take("sub-ready", SETUP_TIMEOUT_S)
-            meter = Meter([pid], pinning.cpus, live.udp_port)
-            run.requests = put_load(
-                live.udp_port,
-                server.path,
-                window,
-                seconds,
-                pid if sustained else None,
-                SUSTAIN_LATENCY_EVERY if sustained else 1,
+    log = workdir / f"{server.name}-{'sustained-' if sustained else 'w'}{window}.log"
+    with (
+        run.recording(log),
+        serving(server, log, pinning.broker, mqgate) as live,
+        contextlib.ExitStack() as stack,
+    ):
+        received = None
+        if live.tcp_port is not None:
+            subscriber = StampedSubscriber(
+                live.tcp_port,
+                "bench/#",
+                f"bench-coap-sub-{os.getpid()}",
+                seconds + DRAIN_S + SETUP_TIMEOUT_S,
+                DRAIN_S,
+                SUSTAIN_LATENCY_EVERY,
             )
-            usage = meter.usage()
-            (run.server_cpu_s,), run.cpus_busy_s, run.drops = usage.cpu_s, usage.busy_s, usage.drops
-            if sub is not None:
-                expected.value = run.requests.answered
-                run.received = inbox.take("sub", DRAIN_S + SETUP_TIMEOUT_S)
-            if live.proc.poll() is not None:
-                raise LoadError(f"{server.name} exited with code {live.proc.returncode} during the run")
-    except (LoadError, OSError) as exc:
-        run.error = str(exc) or repr(exc)
-    finally:
-        expected.value = max(expected.value, 0)  # a subscriber still waiting stops
-        reap(sub)
-        results.close()
-        run.log_lines, run.log_tail = log_summary(log)
+            received = stack.enter_context(subscriber.started(pinning.load))
+        meter = Meter([live.proc.pid], pinning.cpus, live.udp_port)
+        run.requests = put_load(
+            live.udp_port,
+            server.path,
+            window,
+            seconds,
+            live.proc.pid if sustained else None,
+            SUSTAIN_LATENCY_EVERY if sustained else 1,
+        )
+        run.usage = meter.usage()
+        if received is not None:
+            run.received = received(run.requests.answered)
+        if live.proc.poll() is not None:
+            raise LoadError(f"{server.name} exited with code {live.proc.returncode} during the run")
     return run
 
 
@@ -715,34 +644,28 @@ def notify_load(observers: UdpEndpoints, pub: socket.socket, count: int, seconds
 
 
 @dataclass(slots=True)
-class NotifyRun:
+class NotifyRun(Outcome):
+    """A notifications run, filled in as it goes."""
+
     observers: int
     notify_type: str
     """``non`` or ``con``: the gateway's ``notify_type``."""
-    error: str | None = None
     register_s: float | None = None
     register_resent: int = 0
     notified: Notified | None = None
-    server_cpu_s: float = 0.0
-    cpus_busy_s: float | None = None
-    drops: int | None = None
-    """Datagrams (the observers' ACKs) the kernel dropped at mqgate's socket during the run."""
-    log_lines: int = 0
-    log_tail: str = ""
+    usage: Usage | None = None
+    """What mqgate spent during the run; its drops (of the observers' ACKs) are at mqgate's socket."""
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "observers": self.observers,
             "notify_type": self.notify_type,
-            "error": self.error,
             "register_s": self.register_s,
             "register_resent": self.register_resent,
-            "drops": self.drops,
-            "log_lines": self.log_lines,
-            "log_tail": self.log_tail,
-        }
-        r = self.notified
-        if r is None:
+            "drops": None if self.usage is None else self.usage.drops,
+        } | self.outcome_figures()
+        r, u = self.notified, self.usage
+        if r is None or u is None:
             return out
         seconds = (r.last_ns - r.start_ns) / 1e9 if r.received else 0.0
         return (
@@ -755,9 +678,7 @@ class NotifyRun:
                 "p99_ms": r.p99_ms,
                 "lost": r.published * self.observers - r.received,
             }
-            | cpu_figures(
-                "server", "notification", self.server_cpu_s, r.cpu_s, self.cpus_busy_s, seconds, r.received
-            )
+            | u.figures(("server",), "notification", r.cpu_s, seconds, r.received)
         )
 
 
@@ -775,33 +696,24 @@ def notify_run(
     run.error = sockets_error(observers, "observers", SPARE_FILES)
     if run.error:
         return run
-    endpoints: UdpEndpoints | None = None
-    log: Path | None = None
-    try:
-        with serving(
-            SERVERS["mqgate"], workdir, f"n{observers}-{notify_type}", pinning.broker, mqgate, notify_type
-        ) as live:
-            log = live.log
-            endpoints = UdpEndpoints(observers, live.udp_port, OBSERVER_RCVBUF)
-            t0 = time.monotonic()
-            run.register_resent = _register(endpoints)
-            run.register_s = time.monotonic() - t0
-            assert live.tcp_port is not None
-            pub, _ = connect(live.tcp_port, f"bench-coap-pub-{os.getpid()}")
-            with pub:
-                meter = Meter([live.proc.pid], pinning.cpus, live.udp_port)
-                run.notified = notify_load(endpoints, pub, max(1, count // observers), seconds)
-                usage = meter.usage()
-                (run.server_cpu_s,), run.cpus_busy_s, run.drops = usage.cpu_s, usage.busy_s, usage.drops
-                pub.sendall(b"\xe0\x00")  # DISCONNECT
-            if live.proc.poll() is not None:
-                raise LoadError(f"mqgate exited with code {live.proc.returncode} during the run")
-    except (LoadError, OSError) as exc:
-        run.error = str(exc) or repr(exc)
-    finally:
-        if endpoints is not None:
-            endpoints.close()
-        run.log_lines, run.log_tail = log_summary(log)
+    log = workdir / f"mqgate-n{observers}-{notify_type}.log"
+    with (
+        run.recording(log),
+        serving(SERVERS["mqgate"], log, pinning.broker, mqgate, notify_type) as live,
+        UdpEndpoints(observers, live.udp_port, OBSERVER_RCVBUF) as endpoints,
+    ):
+        t0 = time.monotonic()
+        run.register_resent = _register(endpoints)
+        run.register_s = time.monotonic() - t0
+        assert live.tcp_port is not None
+        pub, _ = connect(live.tcp_port, f"bench-coap-pub-{os.getpid()}")
+        with pub:
+            meter = Meter([live.proc.pid], pinning.cpus, live.udp_port)
+            run.notified = notify_load(endpoints, pub, max(1, count // observers), seconds)
+            run.usage = meter.usage()
+            pub.sendall(b"\xe0\x00")  # DISCONNECT
+        if live.proc.poll() is not None:
+            raise LoadError(f"mqgate exited with code {live.proc.returncode} during the run")
     return run
 
 
@@ -824,15 +736,12 @@ def _print_requests(runs: list[PutRun], busy: BusyFlags) -> None:
                 f"{f['requests_per_s']:,.0f}",
                 fmt(f["p50_ms"], ".2f"),
                 fmt(f["p99_ms"], ".2f"),
-                fmt(f["server_cpu_us_per_request"], ".1f"),
-                fmt(f["server_cpu_pct"], ".0f", "%"),
-                fmt(f["load_cpu_pct"], ".0f", "%"),
-                busy.cell(f["other_cpu_pct"]),
+                *busy.cpu_cells(f, ("server",), "request"),
                 f"{r['answered']:,}",
                 f"{r['refused']:,}",
                 f"{r['lost']:,}",
                 f"{r['resent']:,}",
-                fmt(run.drops, ",d"),
+                fmt(f["drops"], ",d"),
                 fmt(f["undelivered"], ",d"),
                 *([run.error] if run.error else []),
             ]
@@ -876,15 +785,12 @@ def _print_notifications(runs: list[NotifyRun], busy: BusyFlags) -> None:
                 f"{f['notifications_per_s']:,.0f}",
                 fmt(f["p50_ms"], ".2f"),
                 fmt(f["p99_ms"], ".2f"),
-                fmt(f["server_cpu_us_per_notification"], ".1f"),
-                fmt(f["server_cpu_pct"], ".0f", "%"),
-                fmt(f["load_cpu_pct"], ".0f", "%"),
-                busy.cell(f["other_cpu_pct"]),
+                *busy.cpu_cells(f, ("server",), "notification"),
                 f"{r['published']:,}",
                 f"{r['received']:,}",
                 f"{f['lost']:,}",
                 f"{r['duplicates']:,}",
-                fmt(run.drops, ",d"),
+                fmt(f["drops"], ",d"),
                 f"{run.register_s:.2f}",
                 *([run.error] if run.error else []),
             ]
@@ -945,7 +851,7 @@ def _print_sustained(runs: list[PutRun], mqgate: MqgateSetup | None, busy: BusyF
                 f"{r['answered']:,}",
                 f"{r['lost']:,}",
                 f"{r['resent']:,}",
-                fmt(run.drops, ",d"),
+                fmt(f["drops"], ",d"),
                 *([run.error] if run.error else []),
             ]
         )
@@ -1055,29 +961,25 @@ class Results:
 
 def _progress(run: PutRun | NotifyRun) -> None:
     f = run.figures()
+    measured = None
     if isinstance(run, NotifyRun):
         label = f"mqgate notifications observers={run.observers} {run.notify_type}"
         if "notifications_per_s" in f:
             n: dict[str, Any] = f["notified"]
-            print(
-                f"{label}: {n['received']:,}/{n['published'] * run.observers:,} received in "
-                f"{f['seconds']:.2f} s = {f['notifications_per_s']:,.0f}/s",
-                flush=True,
+            measured = (
+                f"{n['received']:,}/{n['published'] * run.observers:,} received in {f['seconds']:.2f} s = "
+                f"{f['notifications_per_s']:,.0f}/s"
             )
     else:
         label = f"{run.server} {'sustained ' if run.sustained else ''}window={run.window}"
         if "requests_per_s" in f:
             r: dict[str, Any] = f["requests"]
             rss = f" RSS {mib(f['rss_start'])} -> {mib(f['rss_end'])} MiB" if "rss_start" in f else ""
-            print(
-                f"{label}: {r['answered']:,}/{r['sent']:,} answered in {f['seconds']:.2f} s = "
-                f"{f['requests_per_s']:,.0f} req/s{rss}",
-                flush=True,
+            measured = (
+                f"{r['answered']:,}/{r['sent']:,} answered in {f['seconds']:.2f} s = "
+                f"{f['requests_per_s']:,.0f} req/s{rss}"
             )
-    if run.error:
-        print(f"{label}: failed: {run.error}", flush=True)
-    if run.log_lines or (run.error and run.log_tail):
-        print(f"  log, {run.log_lines} lines, ends: {run.log_tail}", flush=True)
+    run.print_progress(label, measured)
 
 
 def _bench(
@@ -1115,13 +1017,9 @@ def _bench(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_RUN_S:.0f} s per run, a tenth of the notifications, {QUICK_SUSTAIN_S:.0f} s sustained",
+    parser = bench_parser(
+        __doc__,
+        f"{QUICK_RUN_S:.0f} s per run, a tenth of the notifications, {QUICK_SUSTAIN_S:.0f} s sustained",
     )
     parser.add_argument(
         "--sustain",
@@ -1131,12 +1029,7 @@ def main() -> None:
         help=f"sustained run length, default {SUSTAIN_S:.0f} ({QUICK_SUSTAIN_S:.0f} with --quick); "
         "0 skips it; e.g. 120,aiocoap=60",
     )
-    parser.add_argument(
-        "--servers",
-        type=names_of(SERVERS),
-        default=list(SERVERS),
-        help=f"comma-separated, default {','.join(SERVERS)}",
-    )
+    add_names(parser, "--servers", SERVERS)
     args = parser.parse_args()
     pinning = pin_load_generator("servers")
 
@@ -1149,11 +1042,8 @@ def main() -> None:
             results.skipped["mqgate"] = f"its configuration could not be read: {exc}"
             print(f"mqgate: skipped: {results.skipped['mqgate']}", flush=True)
             args.servers.remove("mqgate")
-    try:
-        with tempfile.TemporaryDirectory(prefix="mqgate-bench-coap-") as tmp:
-            _bench(args, Path(tmp), pinning, mqgate, results)
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    with scratch("coap") as workdir:
+        _bench(args, workdir, pinning, mqgate, results)
 
     busy = BusyFlags()
     by_cell = ratios(results.puts + results.sustained)

@@ -20,15 +20,11 @@ It prints two tables and one JSON line with every figure. See bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -36,29 +32,29 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    HOST,
-    START_TIMEOUT_S,
     BusyFlags,
+    LoadError,
     Meter,
+    Outcome,
     Pinning,
-    StartError,
     UdpEndpoints,
+    add_numbers,
+    bench_parser,
+    coap_ready,
     fmt,
-    free_port,
-    log_summary,
+    gateway_config,
     mqgate_argv,
     mqgate_config,
-    mqgate_toml,
     pct,
     pin_load_generator,
-    positive_ints,
     print_table,
     rss_bytes,
     running,
+    scratch,
     sections_to_disable,
     sockets_error,
 )
-from _loadgen import LoadError, complete_packets, connect, percentile_ms, send_all, subscribe, utf8, varint
+from _loadgen import complete_packets, connect, percentile_ms, send_all, subscribe, utf8, varint
 
 DEVICES = (1, 10_000)
 WINDOWS = (1, 64)
@@ -83,7 +79,7 @@ READ_PATH = "/3303/0/5700"
 VALUE = b"21.5"
 
 # CoAP (RFC 7252 §3): version 1 in the two top bits, then the type, then the token length
-_CON, _ACK, _RST = 0, 2, 3
+_CON, _ACK = 0, 2
 _POST, _GET, _CREATED, _CONTENT = 0x02, 0x01, 0x41, 0x45
 _URI_PATH, _CONTENT_FORMAT, _URI_QUERY = 11, 12, 15
 _LINK_FORMAT = 40
@@ -124,11 +120,6 @@ def content_ack(request: bytes) -> bytes:
     """The piggybacked ACK 2.05 text/plain ``VALUE`` to a CON request: same message id and token (§5.2.1)."""
     tkl = request[0] & 0x0F
     return bytes((0x40 | _ACK << 4 | tkl, _CONTENT)) + request[2 : 4 + tkl] + b"\xc0\xff" + VALUE
-
-
-def _ping() -> bytes:
-    """An empty CON: a CoAP ping, answered with RST (§4.3)."""
-    return _HEADER.pack(0x40 | _CON << 4, 0, 0x1234)
 
 
 # ---------------------------------------------------------------- the devices and the application
@@ -300,18 +291,15 @@ class Devices(UdpEndpoints):
 
 
 @dataclass(slots=True)
-class Run:
+class Run(Outcome):
     """One fresh mqgate with N devices, filled in as it goes."""
 
     devices: int
-    error: str | None = None
     registered: Registered | None = None
     commanded: list[Commanded] = field(default_factory=list)
     rss_before: int | None = None
     rss_registered: int | None = None
     rss_end: int | None = None
-    log_lines: int = 0
-    log_tail: str = ""
 
     @property
     def rss_per_device(self) -> float | None:
@@ -322,16 +310,13 @@ class Run:
     def figures(self) -> dict[str, Any]:
         return {
             "devices": self.devices,
-            "error": self.error,
             "registered": None if self.registered is None else asdict(self.registered),
             "commands": [asdict(c) for c in self.commanded],
             "rss_before": self.rss_before,
             "rss_registered": self.rss_registered,
             "rss_end": self.rss_end,
             "rss_per_device_bytes": self.rss_per_device,
-            "log_lines": self.log_lines,
-            "log_tail": self.log_tail,
-        }
+        } | self.outcome_figures()
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,52 +326,21 @@ class Settings:
     windows: tuple[int, ...]
 
 
-def _write_config(path: Path, tcp_port: int, udp_port: int, disabled: list[str]) -> None:
-    path.write_text(
-        mqgate_toml(
-            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
-            f'[gateways.lwm2m]\nbind = "{HOST}:{udp_port}"\nlifetime_grace = {LIFETIME_GRACE_S}\n\n',
-            disabled,
-        )
-    )
-
-
-def _wait_gateway(port: int, proc: subprocess.Popen[bytes]) -> None:
-    """Returns once the gateway answers a CoAP ping with RST."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((HOST, port))
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline and proc.poll() is None:
-            sock.send(_ping())
-            try:
-                data = sock.recv(256)
-            except (TimeoutError, ConnectionRefusedError):
-                continue
-            if data and data[0] >> 4 & 3 == _RST:
-                return
-    raise StartError(f"the LwM2M gateway did not answer a CoAP ping on udp port {port}")
-
-
 def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled: list[str]) -> None:
     """Runs every step for ``run.devices`` on a fresh mqgate; raises StartError if mqgate does not start."""
     run.error = sockets_error(run.devices, "devices", SPARE_FILES)
     if run.error:
         return
-    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     config = workdir / f"mqgate-{run.devices}.toml"
     log = config.with_suffix(".log")
-    _write_config(config, tcp_port, udp_port, disabled)
-    devices: Devices | None = None
-    mqtt: socket.socket | None = None
-    try:
-        with running(mqgate_argv(config), log, tcp_port, pinning.broker) as proc:
-            pid = proc.pid
-            _wait_gateway(udp_port, proc)
-            mqtt, reader = connect(tcp_port, f"bench-lwm2m-{os.getpid()}")
+    tcp_port, udp_port = gateway_config(config, "lwm2m", f"lifetime_grace = {LIFETIME_GRACE_S}\n", disabled)
+    ready = coap_ready(udp_port, log)
+    with run.recording(log), running(mqgate_argv(config), log, tcp_port, pinning.broker, ready) as proc:
+        pid = proc.pid
+        mqtt, reader = connect(tcp_port, f"bench-lwm2m-{os.getpid()}")
+        with mqtt, Devices(run.devices, udp_port) as devices:
             subscribe(mqtt, reader, [RESPONSE_FILTER], 0)
             mqtt.setblocking(False)
-            devices = Devices(run.devices, udp_port)
             run.rss_before = rss_bytes(pid)
             meter, load0 = Meter([pid], None), time.process_time()
             reg_s, resent = devices.register()
@@ -426,17 +380,9 @@ def _run(run: Run, settings: Settings, workdir: Path, pinning: Pinning, disabled
                     )
                 )
                 _print_commanded(run.devices, run.commanded[-1])
-            if proc.poll() is not None:
-                raise LoadError(f"mqgate exited with code {proc.returncode} during the run")
-            run.rss_end = rss_bytes(pid)
-    except (LoadError, OSError) as exc:
-        run.error = str(exc) or repr(exc)
-    finally:
-        if devices is not None:
-            devices.close()
-        if mqtt is not None:
-            mqtt.close()
-        run.log_lines, run.log_tail = log_summary(log)
+        if proc.poll() is not None:
+            raise LoadError(f"mqgate exited with code {proc.returncode} during the run")
+        run.rss_end = rss_bytes(pid)
 
 
 # ---------------------------------------------------------------- report
@@ -544,18 +490,9 @@ def _print_tables(runs: list[Run]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_COUNT:,} commands or {QUICK_RUN_S:.0f} s per cell"
-    )
-    parser.add_argument(
-        "--devices", type=positive_ints, default=list(DEVICES), help="comma-separated, default 1,10000"
-    )
-    parser.add_argument(
-        "--windows", type=positive_ints, default=list(WINDOWS), help="comma-separated, default 1,64"
-    )
+    parser = bench_parser(__doc__, f"{QUICK_COUNT:,} commands or {QUICK_RUN_S:.0f} s per cell")
+    add_numbers(parser, "--devices", DEVICES)
+    add_numbers(parser, "--windows", WINDOWS)
     args = parser.parse_args()
     settings = Settings(
         QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, tuple(args.windows)
@@ -563,16 +500,18 @@ def main() -> None:
     pinning = pin_load_generator("mqgate")
 
     runs = [Run(n) for n in args.devices]
-    try:
+    with scratch("lwm2m") as workdir:
         disabled = sections_to_disable(mqgate_config(), ("listeners.tcp", "gateways.lwm2m"))
-        with tempfile.TemporaryDirectory(prefix="mqgate-bench-lwm2m-") as tmp:
-            for run in runs:
-                _run(run, settings, Path(tmp), pinning, disabled)
-                _print_progress(run)
-    except StartError as exc:
-        sys.exit(f"mqgate: failed to start: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+        for run in runs:
+            _run(run, settings, workdir, pinning, disabled)
+            r = run.registered
+            registered = None
+            if r is not None:
+                registered = (
+                    f"registered in {r.seconds:.2f} s = {r.per_s:,.0f}/s; "
+                    f"{fmt(run.rss_per_device, ',.0f')} B of RSS per device"
+                )
+            run.print_progress(f"devices={run.devices}", registered)
 
     _print_tables(runs)
     print(
@@ -588,20 +527,6 @@ def main() -> None:
         ),
         flush=True,
     )
-
-
-def _print_progress(run: Run) -> None:
-    r = run.registered
-    if r is not None:
-        print(
-            f"devices={run.devices}: registered in {r.seconds:.2f} s = {r.per_s:,.0f}/s; "
-            f"{fmt(run.rss_per_device, ',.0f')} B of RSS per device",
-            flush=True,
-        )
-    if run.error:
-        print(f"devices={run.devices}: failed: {run.error}", flush=True)
-    if run.log_lines or (run.error and run.log_tail):
-        print(f"  mqgate log, {run.log_lines} lines, ends: {run.log_tail}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,47 +14,41 @@ figure. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import multiprocessing as mp
 import os
-import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from _common import (
-    HOST,
-    START_TIMEOUT_S,
     BusyFlags,
+    LoadError,
     Meter,
+    Outcome,
     Pinning,
-    StartError,
     UdpEndpoints,
-    cpu_figures,
+    Usage,
+    add_numbers,
+    bench_parser,
     fmt,
-    free_port,
-    log_summary,
+    gateway_config,
     mqgate_argv,
     mqgate_config,
-    mqgate_toml,
     pin_load_generator,
-    positive_ints,
     print_table,
-    reap,
     rss_bytes,
     running,
+    scratch,
     sections_to_disable,
     sockets_error,
+    udp_ready,
 )
-from _loadgen import Inbox, LoadError, Received, StampedSubscriber
+from _loadgen import Received, StampedSubscriber
 
 REFERENCE_MSGS_PER_S = {1: 8_600, 8: 23_500}
 """Eclipse Paho MQTT-SN gateway (C++) in front of mosquitto on this kind of machine, by window: one client,
@@ -67,8 +61,6 @@ RUN_S, QUICK_RUN_S = 5.0, 1.0
 """Publishing stops after this long even if the count is not reached."""
 DRAIN_S = 5.0
 """Longest wait for outstanding PUBACKs and the last deliveries once publishing has stopped."""
-IDLE_S = 1.0
-"""Once publishing has stopped, the subscriber gives up after this long without a delivery."""
 RETRY_S = 1.0
 """An unanswered CONNECT, REGISTER or PUBLISH is sent again after this long (MQTT-SN's T_retry, shortened)."""
 MAX_IN_FLIGHT = 100
@@ -247,16 +239,10 @@ class Clients(UdpEndpoints):
 # ---------------------------------------------------------------- the subscriber
 
 
-def _subscriber_main(
-    port: int,
-    count: int,
-    cpus: set[int] | None,
-    expected: ctypes.c_int64,
-    results: mp.Queue[tuple[str, Any]],
-) -> None:
-    """The subscriber process: ``SUBSCRIPTION`` at QoS 0 on the MQTT listener at ``port``, ``count``
-    messages expected at most."""
-    subscriber = StampedSubscriber(
+def subscriber(port: int, count: int) -> StampedSubscriber:
+    """The subscriber: ``SUBSCRIPTION`` at QoS 0 on the MQTT broker at ``port``, ``count`` messages expected
+    at most."""
+    return StampedSubscriber(
         port,
         SUBSCRIPTION,
         f"bench-sn-sub-{os.getpid()}",
@@ -264,41 +250,68 @@ def _subscriber_main(
         DRAIN_S,
         max(1, count // LATENCY_SAMPLES),
     )
-    subscriber.main(cpus, expected, results)
+
+
+def gateway_ready(port: int, log: Path) -> Callable[[subprocess.Popen[bytes]], None]:
+    """Readiness: the gateway at udp ``port`` answers SEARCHGW with GWINFO (§6.1)."""
+    return udp_ready(port, _SEARCHGW, lambda answer: answer[1:2] == bytes((_GWINFO,)), log)
 
 
 # ---------------------------------------------------------------- one cell
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    count: int
+    """Messages to publish per cell."""
+    seconds: float
+    """Publishing stops after this long even if ``count`` is not reached."""
+    max_in_flight: int
+    """Unacknowledged PUBLISHes of all clients together; 0: no limit but the clients' windows."""
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Settings:
+        """The settings :func:`parser`'s options ask for."""
+        return cls(
+            QUICK_COUNT if args.quick else COUNT,
+            QUICK_RUN_S if args.quick else RUN_S,
+            max(0, args.max_in_flight),
+        )
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "max_in_flight": self.max_in_flight,
+            "reference_msgs_per_s": REFERENCE_MSGS_PER_S,
+        }
+
+
 @dataclass(slots=True)
-class Cell:
+class Cell(Outcome):
     """One (clients, window) run, filled in as it goes."""
+
+    PROCESSES: ClassVar[tuple[str, ...]] = ("gateway",)
+    """The processes whose CPU time is measured, the gateway first, as the figures name them."""
 
     clients: int
     window: int
-    error: str | None = None
     in_flight: int | None = None
     """Most unacknowledged PUBLISHes of all clients together."""
     published: Published | None = None
     received: Received | None = None
+    usage: Usage | None = None
+    """What the processes spent while the clients published; its drops are at the gateway's socket."""
     connect_s: float | None = None
     """Time to CONNECT and REGISTER every client."""
     setup_resent: int = 0
     rss_before: int | None = None
     rss_connected: int | None = None
     rss_end: int | None = None
-    gateway_cpu_s: float = 0.0
-    cpus_busy_s: float | None = None
-    socket_drops: int | None = None
-    """Datagrams the kernel dropped at the gateway's socket (its receive queue was full) while publishing."""
-    log_lines: int = 0
-    log_tail: str = ""
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "clients": self.clients,
             "window": self.window,
-            "error": self.error,
             "in_flight": self.in_flight,
             "connect_s": self.connect_s,
             "setup_resent": self.setup_resent,
@@ -310,23 +323,83 @@ class Cell:
                 if self.rss_before is None or self.rss_connected is None
                 else (self.rss_connected - self.rss_before) / self.clients
             ),
-            "log_lines": self.log_lines,
-            "log_tail": self.log_tail,
-        }
-        p, r = self.published, self.received
-        if p is None or r is None:
+        } | self.outcome_figures()
+        p, r, u = self.published, self.received, self.usage
+        if p is None or r is None or u is None:
             return out
         run = run_figures(p, r, self.window)
-        cpu = cpu_figures(
-            "gateway",
-            "msg",
-            self.gateway_cpu_s,
-            p.cpu_s + r.cpu_s,
-            self.cpus_busy_s,
-            run["seconds"],
-            r.delivered,
+        cpu = u.figures(self.PROCESSES, "msg", p.cpu_s + r.cpu_s, run["seconds"], r.delivered)
+        return out | run | cpu | {"socket_drops": u.drops}
+
+    def delivered(self) -> str | None:
+        """What the progress line says the cell measured."""
+        f = self.figures()
+        if "msgs_per_s" not in f:
+            return None
+        return (
+            f"{f['received']['delivered']:,}/{f['published']['sent']:,} delivered in {f['seconds']:.2f} s = "
+            f"{f['msgs_per_s']:,.0f} msgs/s; connected in {self.connect_s:.2f} s"
         )
-        return out | run | cpu | {"socket_drops": self.socket_drops}
+
+    def row(self, busy: BusyFlags) -> list[str]:
+        """The table's cells from ``in flight`` on: the figures, or why the cell failed."""
+        f = self.figures()
+        in_flight = fmt(self.in_flight, ",d")
+        if "msgs_per_s" not in f:
+            return [in_flight, f"failed: {self.error}"]
+        return [
+            in_flight,
+            f"{f['msgs_per_s']:,.0f}",
+            f"{f['puback_msgs_per_s']:,.0f}",
+            fmt(f["p50_ms"], ".2f"),
+            fmt(f["p99_ms"], ".2f"),
+            f"{f['lost']:,}",
+            f"{f['published']['resent']:,}",
+            fmt(f["socket_drops"], ",d"),
+            *busy.cpu_cells(f, self.PROCESSES, "msg"),
+            fmt(f["rss_per_client_bytes"], ",.0f"),
+            fmt(f["ratio_to_reference"], ".2f"),
+            *([self.error] if self.error else []),
+        ]
+
+    def measure(
+        self,
+        settings: Settings,
+        gateway: subprocess.Popen[bytes],
+        udp_port: int,
+        broker_port: int,
+        pinning: Pinning,
+        others: Sequence[int] = (),
+    ) -> None:
+        """Loads ``gateway``, an mqgate whose MQTT-SN gateway is at ``udp_port``: connects the clients (its
+        memory measured around it), publishes (its CPU time and that of the processes ``others`` measured
+        around it) and takes what a subscriber on the MQTT broker at ``broker_port`` received."""
+        with subscriber(broker_port, settings.count).started(pinning.load) as received:
+            published = self._publish(settings, udp_port, [gateway.pid, *others], pinning.cpus)
+            self.received = received(published.sent - published.refused)
+        if gateway.poll() is not None:
+            raise LoadError(f"mqgate exited with code {gateway.returncode} during the run")
+        self.rss_end = rss_bytes(gateway.pid)
+
+    def _publish(
+        self, settings: Settings, udp_port: int, pids: list[int], cpus: set[int] | None
+    ) -> Published:
+        """Connects the clients (the memory of ``pids[0]`` measured around it), then publishes (the CPU time
+        of ``pids`` measured around it)."""
+        self.rss_before = rss_bytes(pids[0])
+        t0 = time.monotonic()
+        with Clients(self.clients, udp_port) as clients:
+            clients.connect()
+            clients.register()
+            self.connect_s = time.monotonic() - t0
+            self.setup_resent = clients.setup_resent
+            self.rss_connected = rss_bytes(pids[0])
+            meter = Meter(pids, cpus, udp_port)
+            in_flight = self.clients * self.window
+            self.in_flight = min(in_flight, settings.max_in_flight or in_flight)
+            self.published = clients.publish(self.window, self.in_flight, settings.count, settings.seconds)
+            self.usage = meter.usage()
+            return self.published
 
 
 def run_figures(p: Published, r: Received, window: int) -> dict[str, Any]:
@@ -350,100 +423,21 @@ def run_figures(p: Published, r: Received, window: int) -> dict[str, Any]:
     }
 
 
-def _write_config(path: Path, tcp_port: int, udp_port: int, clients: int, disabled: list[str]) -> None:
-    path.write_text(
-        mqgate_toml(
-            f'[listeners.tcp]\nbind = "{HOST}:{tcp_port}"\n\n'
-            "[broker]\nmax_mqueue_len = 1000000\n\n"
-            f'[gateways.mqttsn]\nbind = "{HOST}:{udp_port}"\nadvertise_interval = 0\n'
-            f"max_clients = {max(clients, 10_000)}\n\n",
-            disabled,
-        )
-    )
-
-
-def _wait_gateway(port: int, proc: subprocess.Popen[bytes]) -> None:
-    """Returns once the gateway answers SEARCHGW with GWINFO (§6.1)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((HOST, port))
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline and proc.poll() is None:
-            sock.send(_SEARCHGW)
-            try:
-                if sock.recv(256)[1:2] == bytes((_GWINFO,)):
-                    return
-            except (TimeoutError, ConnectionRefusedError):
-                pass
-    raise StartError(f"the MQTT-SN gateway did not answer SEARCHGW on udp port {port}")
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    count: int
-    """Messages to publish per cell."""
-    seconds: float
-    """Publishing stops after this long even if ``count`` is not reached."""
-    max_in_flight: int
-    """Unacknowledged PUBLISHes of all clients together; 0: no limit but the clients' windows."""
-
-
 def _run_cell(cell: Cell, settings: Settings, workdir: Path, pinning: Pinning, disabled: list[str]) -> None:
     """Runs ``cell`` on a fresh mqgate and fills it in; raises StartError if mqgate does not start."""
     cell.error = sockets_error(cell.clients, "clients", SPARE_FILES)
     if cell.error:
         return
-    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     config = workdir / f"mqgate-{cell.clients}x{cell.window}.toml"
     log = config.with_suffix(".log")
-    _write_config(config, tcp_port, udp_port, cell.clients, disabled)
-    ctx = mp.get_context("fork")
-    expected = ctx.RawValue(ctypes.c_int64, -1)
-    results: mp.Queue[tuple[str, Any]] = ctx.Queue()
-    sub = ctx.Process(
-        target=_subscriber_main, args=(tcp_port, settings.count, pinning.load, expected, results), daemon=True
+    settings_toml = (
+        f"advertise_interval = 0\nmax_clients = {max(cell.clients, 10_000)}\n\n"
+        "[broker]\nmax_mqueue_len = 1000000\n"
     )
-    try:
-        with running(mqgate_argv(config), log, tcp_port, pinning.broker) as proc:
-            _wait_gateway(udp_port, proc)
-            sub.start()
-            inbox = Inbox(results)
-            inbox.take("sub-ready", SETUP_TIMEOUT_S)
-            published = _publish(cell, settings, udp_port, proc.pid, pinning.cpus)
-            expected.value = published.sent - published.refused
-            cell.received = inbox.take("sub", DRAIN_S + SETUP_TIMEOUT_S)
-            if proc.poll() is not None:
-                raise LoadError(f"mqgate exited with code {proc.returncode} during the run")
-            cell.rss_end = rss_bytes(proc.pid)
-    except (LoadError, OSError) as exc:
-        cell.error = str(exc) or repr(exc)
-    finally:
-        expected.value = max(expected.value, 0)  # a subscriber still waiting stops
-        reap(sub)
-        results.close()
-        cell.log_lines, cell.log_tail = log_summary(log)
-
-
-def _publish(cell: Cell, settings: Settings, udp_port: int, pid: int, cpus: set[int] | None) -> Published:
-    """Connects the clients (memory measured around it), then publishes (CPU time measured around it)."""
-    cell.rss_before = rss_bytes(pid)
-    t0 = time.monotonic()
-    clients = Clients(cell.clients, udp_port)
-    try:
-        clients.connect()
-        clients.register()
-        cell.connect_s = time.monotonic() - t0
-        cell.setup_resent = clients.setup_resent
-        cell.rss_connected = rss_bytes(pid)
-        meter = Meter([pid], cpus, udp_port)
-        in_flight = cell.clients * cell.window
-        cell.in_flight = min(in_flight, settings.max_in_flight or in_flight)
-        cell.published = clients.publish(cell.window, cell.in_flight, settings.count, settings.seconds)
-        usage = meter.usage()
-        (cell.gateway_cpu_s,), cell.cpus_busy_s, cell.socket_drops = usage.cpu_s, usage.busy_s, usage.drops
-        return cell.published
-    finally:
-        clients.close()
+    tcp_port, udp_port = gateway_config(config, "mqttsn", settings_toml, disabled)
+    ready = gateway_ready(udp_port, log)
+    with cell.recording(log), running(mqgate_argv(config), log, tcp_port, pinning.broker, ready) as proc:
+        cell.measure(settings, proc, udp_port, tcp_port, pinning)
 
 
 # ---------------------------------------------------------------- report
@@ -478,43 +472,26 @@ def print_reference() -> None:
     )
 
 
-def run_cells(f: dict[str, Any]) -> list[str]:
-    """The table's cells for :func:`run_figures` and the socket drops of a cell's ``figures()``."""
-    published: dict[str, Any] = f["published"]
-    return [
-        f"{f['msgs_per_s']:,.0f}",
-        f"{f['puback_msgs_per_s']:,.0f}",
-        fmt(f["p50_ms"], ".2f"),
-        fmt(f["p99_ms"], ".2f"),
-        f"{f['lost']:,}",
-        f"{published['resent']:,}",
-        fmt(f["socket_drops"], ",d"),
-    ]
+def parser(doc: str, clients: Sequence[int]) -> argparse.ArgumentParser:
+    """The command line of a benchmark of this load: ``--quick``, ``--clients`` (``clients`` by default),
+    ``--windows`` and ``--max-in-flight``."""
+    out = bench_parser(doc, f"{QUICK_COUNT:,} messages or {QUICK_RUN_S:.0f} s per cell")
+    add_numbers(out, "--clients", clients)
+    add_numbers(out, "--windows", WINDOWS)
+    out.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=MAX_IN_FLIGHT,
+        metavar="N",
+        help=f"unacknowledged PUBLISHes of all clients together, default {MAX_IN_FLIGHT} (0: no limit)",
+    )
+    return out
 
 
 def _print_table(cells: list[Cell]) -> None:
     print_reference()
-    rows, busy = [], BusyFlags()
-    for cell in cells:
-        f = cell.figures()
-        row = [f"{cell.clients:,}", str(cell.window), fmt(cell.in_flight, ",d")]
-        if "msgs_per_s" not in f:
-            rows.append([*row, f"failed: {cell.error}"])
-            continue
-        rows.append(
-            [
-                *row,
-                *run_cells(f),
-                fmt(f["gateway_cpu_us_per_msg"], ".1f"),
-                fmt(f["gateway_cpu_pct"], ".0f", "%"),
-                fmt(f["load_cpu_pct"], ".0f", "%"),
-                busy.cell(f["other_cpu_pct"]),
-                fmt(f["rss_per_client_bytes"], ",.0f"),
-                fmt(f["ratio_to_reference"], ".2f"),
-                *([cell.error] if cell.error else []),
-            ]
-        )
-    print_table(_COLUMNS, rows)
+    busy = BusyFlags()
+    print_table(_COLUMNS, [[f"{cell.clients:,}", str(cell.window), *cell.row(busy)] for cell in cells])
     busy.print_note("msgs/s", "cpu us/msg")
 
 
@@ -522,72 +499,26 @@ def _print_table(cells: list[Cell]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_COUNT:,} messages or {QUICK_RUN_S:.0f} s per cell"
-    )
-    parser.add_argument(
-        "--clients", type=positive_ints, default=list(CLIENTS), help="comma-separated, default 1,100,10000"
-    )
-    parser.add_argument(
-        "--windows", type=positive_ints, default=list(WINDOWS), help="comma-separated, default 1,8"
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=MAX_IN_FLIGHT,
-        metavar="N",
-        help=f"unacknowledged PUBLISHes of all clients together, default {MAX_IN_FLIGHT} (0: no limit)",
-    )
-    args = parser.parse_args()
-    settings = Settings(
-        QUICK_COUNT if args.quick else COUNT, QUICK_RUN_S if args.quick else RUN_S, max(0, args.max_in_flight)
-    )
+    args = parser(__doc__, CLIENTS).parse_args()
+    settings = Settings.of(args)
     pinning = pin_load_generator("mqgate")
 
     cells = [Cell(n, w) for n in args.clients for w in args.windows]
-    try:
+    with scratch("sn") as workdir:
         disabled = sections_to_disable(mqgate_config(), ("listeners.tcp", "gateways.mqttsn"))
-        with tempfile.TemporaryDirectory(prefix="mqgate-bench-sn-") as tmp:
-            for cell in cells:
-                _run_cell(cell, settings, Path(tmp), pinning, disabled)
-                _print_progress(cell)
-    except StartError as exc:
-        sys.exit(f"mqgate: failed to start: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+        for cell in cells:
+            _run_cell(cell, settings, workdir, pinning, disabled)
+            cell.print_progress(f"clients={cell.clients} window={cell.window}", cell.delivered())
 
     _print_table(cells)
     print(
         json.dumps(
-            {
-                "quick": args.quick,
-                "cpus": pinning.figures("mqgate"),
-                "count": settings.count,
-                "max_in_flight": settings.max_in_flight,
-                "reference_msgs_per_s": REFERENCE_MSGS_PER_S,
-                "results": [cell.figures() for cell in cells],
-            }
+            {"quick": args.quick, "cpus": pinning.figures("mqgate")}
+            | settings.figures()
+            | {"results": [cell.figures() for cell in cells]}
         ),
         flush=True,
     )
-
-
-def _print_progress(cell: Cell) -> None:
-    f = cell.figures()
-    label = f"clients={cell.clients} window={cell.window}"
-    if "msgs_per_s" in f:
-        print(
-            f"{label}: {f['received']['delivered']:,}/{f['published']['sent']:,} delivered in "
-            f"{f['seconds']:.2f} s = {f['msgs_per_s']:,.0f} msgs/s; connected in {cell.connect_s:.2f} s",
-            flush=True,
-        )
-    if cell.error:
-        print(f"{label}: failed: {cell.error}", flush=True)
-    if cell.log_lines or (cell.error and cell.log_tail):
-        print(f"  mqgate log, {cell.log_lines} lines, ends: {cell.log_tail}", flush=True)
 
 
 if __name__ == "__main__":
