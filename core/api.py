@@ -902,6 +902,11 @@ class MetricsCollector(Collector):
             "mqgate_upstream_buffer_full", "Publishes refused: upstream buffer full", upstream.buffer_full
         )
         yield _counter(
+            "mqgate_upstream_buffer_writes",
+            "QoS 1/2 messages written to the buffer file (not acknowledged upstream within commit_delay)",
+            upstream.store.written,
+        )
+        yield _counter(
             "mqgate_upstream_dropped_qos0",
             "QoS 0 messages dropped during an outage",
             upstream.dropped_qos0_outage,

@@ -462,6 +462,9 @@ class UpstreamConfig:
     verify: bool = True
     buffer_dir: str = "mqgate-buffer"  # store-and-forward queue of QoS 1/2 messages (sqlite)
     max_buffer_bytes: int = field(default=64 * 1024 * 1024, metadata={"min": 1024})
+    # seconds a device's QoS 1/2 publish waits for the upstream PUBACK before it is committed to the buffer
+    # and acknowledged anyway; 0 = commit before every acknowledgement
+    commit_delay: float = field(default=0.01, metadata={"min": 0.0, "max": 5.0})
     max_inflight: int = field(default=32, metadata={"min": 1, "max": 65000})
     backoff_min: float = field(default=0.5, metadata={"min": 0.01})
     backoff_max: float = field(default=30.0, metadata={"min": 0.01})

@@ -173,6 +173,7 @@ class MessageStore:
         "_tails",
         "_total_bytes",
         "_total_count",
+        "written",
         "rejected_full",
     )
 
@@ -202,6 +203,7 @@ class MessageStore:
         self._tail_of: dict[int, dict[int, StoredMessage]] = {}  # a cached message's id: its stream's tail
         self._rows: dict[int, _Row] = {}  # appended, written by the next commit
         self._doomed: list[int] = []  # cached messages discarded, deleted by the next commit
+        self.written = 0  # messages inserted into the file (those discarded before a commit never are)
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
         self._total_count = 0
@@ -464,6 +466,7 @@ class MessageStore:
         self._begin()
         if rows:
             self._con.executemany(_INSERT, rows.values())
+            self.written += len(rows)
             rows.clear()
         if doomed:
             self._con.executemany(_DELETE_PLAIN, [(msg_id,) for msg_id in doomed])

@@ -8,13 +8,18 @@ rule without dropping anything: the rest waits in the broker session's bounded q
 
 Only the per-connection calls (``authenticate``, ``open_session``) are coroutines: they may wait for an
 upstream broker's CONNACK. The per-message calls are synchronous and answer at once (the embedded broker
-routes in-process; the upstream one acknowledges a QoS 1/2 publish once it holds it in its store-and-forward
-buffer), so a gateway's hot path creates no task or future per message (DESIGN §6). What acknowledges a
-publish to a device leaves only after :meth:`Broker.commit`, which makes the publishes so far durable at once.
+routes in-process; the upstream one accepts a QoS 1/2 publish into its store-and-forward buffer), so a
+gateway's hot path creates no task or future per message (DESIGN §6). What acknowledges a publish to a
+device leaves only once :meth:`Broker.settle` says the publishes so far are safe: at once on the embedded
+broker; in edge mode when the upstream broker has acknowledged them or they are committed to the buffer,
+whichever comes first. :class:`SettledOutbox` holds a gateway's datagrams until then, in order.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from core.broker.types import AuthResult, ClientInfo, Credentials, DeliverySink, Message, Subscription, Will
@@ -29,6 +34,7 @@ __all__ = [
     "Message",
     "SessionHandle",
     "SessionRefused",
+    "SettledOutbox",
     "Subscription",
     "Will",
 ]
@@ -114,8 +120,45 @@ class Broker(Protocol):
         presented, for a broker that authenticates per session."""
         ...
 
-    def commit(self) -> None:
-        """Make durable what sessions published so far. A gateway calls it before it sends the datagrams
-        that acknowledge publishes (edge mode: one buffer commit for every publish of a loop iteration);
-        the embedded broker has nothing to do."""
+    def settle(self, then: Callable[[bool], None]) -> None:
+        """Call ``then(True)`` once every publish accepted so far is safe: routed (embedded broker, at once),
+        acknowledged by the upstream broker or committed to the buffer (edge mode). ``then(False)`` when
+        they could not be stored: what acknowledges them must not be sent. Callbacks run in the order
+        given; ``then`` may run before this returns."""
         ...
+
+
+log = logging.getLogger("mqgate.gateway")
+
+
+class SettledOutbox:
+    """A gateway adapter's datagrams, sent once :meth:`Broker.settle` has settled the publishes they
+    acknowledge; batches leave in the order they were queued (a device sees its answers in order)."""
+
+    __slots__ = ("_batches", "_release", "broker", "name", "send")
+
+    def __init__(self, name: str, broker: Broker, send: Callable[[Hashable, bytes], None]) -> None:
+        self.name = name
+        self.broker = broker
+        self.send = send  # one datagram to one peer; the adapter traces it
+        self._batches: deque[list[tuple[Hashable, bytes]]] = deque()
+        self._release = self._released  # one bound method for every batch
+
+    def push(self, datagrams: list[tuple[Hashable, bytes]]) -> None:
+        """Send ``datagrams`` when what is published so far is settled (now, on the embedded broker)."""
+        if datagrams:
+            self._batches.append(datagrams)
+            self.broker.settle(self._release)
+
+    def _released(self, settled: bool) -> None:
+        datagrams = self._batches.popleft()
+        if not settled:
+            log.warning(
+                "%s: %d datagram(s) not sent: the publishes they answer could not be stored",
+                self.name,
+                len(datagrams),
+            )
+            return
+        send = self.send
+        for peer, data in datagrams:
+            send(peer, data)

@@ -9,6 +9,8 @@ import socket
 from collections.abc import Coroutine, Hashable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from gateways.base import SettledOutbox
+
 if TYPE_CHECKING:
     from core.trace import DatagramTrace
     from gateways.base import Broker
@@ -62,6 +64,7 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: SettledOutbox | None = None  # made at the first flush: subclasses set the broker
         self.packet_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
 
     @property
@@ -78,8 +81,8 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         _grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        # once for every datagram read in this loop iteration: one broker commit; scheduled first, so the
-        # answers leave ahead of what handling the datagram writes elsewhere (an upstream PUBLISH)
+        # once for every datagram read in this loop iteration; scheduled first, so that answers that need
+        # not wait leave ahead of what handling the datagram writes elsewhere (an upstream PUBLISH)
         self.schedule_flush()
         if self.packet_trace is None:
             self.core.receive_datagram(data, addr, self.loop.time())
@@ -96,16 +99,13 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Send what the core queued, after the broker made the publishes it acknowledges durable."""
+        """Send what the core queued once the broker has settled the publishes it acknowledges
+        (:meth:`gateways.base.Broker.settle`), start the work it asked for and re-arm the timer."""
         self._flush_scheduled = False
-        self.broker.commit()
-        transport = self.transport
-        trace = self.packet_trace
-        for peer, data in self.core.datagrams_to_send():
-            if trace is not None:
-                trace.sent(peer, data)
-            if transport is not None:
-                transport.sendto(data, cast(tuple[str, int], peer))
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = SettledOutbox(self.name, self.broker, self._send)
+        outbox.push(self.core.datagrams_to_send())
         self._start_work()
         deadline = self.core.get_timer()
         if deadline != self._timer_at:
@@ -113,6 +113,12 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
                 self._timer.cancel()
             self._timer_at = deadline
             self._timer = None if deadline is None else self.loop.call_at(deadline, self._on_timer)
+
+    def _send(self, peer: Hashable, data: bytes) -> None:
+        if self.packet_trace is not None:
+            self.packet_trace.sent(peer, data)
+        if self.transport is not None:  # gone once the adapter stopped
+            self.transport.sendto(data, cast(tuple[str, int], peer))
 
     def _start_work(self) -> None:
         """Start the tasks the core asked for (session openings)."""

@@ -14,18 +14,22 @@ Two modes (``upstream.mode``):
   for a subscription carry it, §3.3.1.3), and go only to the device whose SUBSCRIBE that SUBACK answered,
   so each subscribing device gets the retained messages once and the others none again.
 
-Store-and-forward: every QoS 1/2 message from a device is first committed to a bounded sqlite queue
-(:class:`core.store.MessageStore`, ``upstream.buffer_dir``, ``upstream.max_buffer_bytes``) and acknowledged to
-the device; a forwarder sends each stream upstream in order within the connection's window and deletes a
-message once the upstream broker acknowledged it. An outage, or mqgate restarting, loses nothing that was
-acknowledged. Group commit: the messages of one event-loop iteration share one sqlite commit (one
-``executemany`` of their rows, see :mod:`core.store`), made by :meth:`UpstreamBroker.commit`, which the
-gateways call before they send what acknowledges them (and, as a safety net, from the loop right after);
-deletions ride on the next commit (or one within :data:`DELETE_COMMIT_DELAY`). The guarantee is against the
-process dying (crash, ``SIGKILL``, restart): the store runs sqlite in WAL mode with ``synchronous=NORMAL``,
-so a commit is written to the OS but not fsync'ed; a power loss or OS crash may lose the last commits (see
-:mod:`core.store`). A full buffer answers new QoS 1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01,
-CoAP 5.03). QoS 0 during an outage is dropped and counted.
+Store-and-forward: every QoS 1/2 message from a device goes into a bounded sqlite queue
+(:class:`core.store.MessageStore`, ``upstream.buffer_dir``, ``upstream.max_buffer_bytes``); a forwarder sends
+each stream upstream in order within the connection's window and discards a message once the upstream
+broker acknowledged it. The device is acknowledged once its message is *settled*
+(:meth:`UpstreamBroker.settle`): acknowledged by the upstream broker, or committed to the buffer, whichever
+comes first. The commit waits ``upstream.commit_delay`` seconds (10 ms by default): with the upstream up, the
+upstream PUBACK nearly always comes first and the message is never written to the file (the store writes
+nothing before a commit, and a message discarded before it is dropped from memory); with the upstream slow or
+down, one commit makes every message of those milliseconds durable (one ``executemany``, see
+:mod:`core.store`). ``commit_delay = 0`` commits before every answer. Either way an outage, or mqgate
+restarting, loses nothing that was acknowledged to a device. Deletions of committed messages ride on the next
+commit (or one within :data:`DELETE_COMMIT_DELAY`). The guarantee is against the process dying (crash,
+``SIGKILL``, restart): the store runs sqlite in WAL mode with ``synchronous=NORMAL``, so a commit is written
+to the OS but not fsync'ed; a power loss or OS crash may lose the last commits (see :mod:`core.store`). A
+full buffer answers new QoS 1/2 publishes with 0x97 (quota exceeded: MQTT-SN rc 0x01, CoAP 5.03). QoS 0
+during an outage is dropped and counted.
 
 Each device keeps a local :class:`core.broker.session.Session` for deliveries (inflight window, bounded
 queue, sleep), exactly as on the embedded broker.
@@ -39,6 +43,7 @@ import logging
 import os
 import random
 import socket
+from collections import deque
 from collections.abc import Callable, Coroutine
 from functools import partial
 
@@ -59,7 +64,7 @@ from core.mqtt.codec import (
     encode_properties,
 )
 from core.mqtt.numbers import ReasonCode
-from core.store import MessageStore
+from core.store import MessageStore, StoreError
 from core.topics import TopicTrie, filter_matches, validate_topic
 from gateways.base import SessionRefused
 
@@ -260,9 +265,10 @@ class UpstreamBroker:
         self._shared_forwarder: Forwarder | None = None
         self._orphans: dict[str, Forwarder] = {}  # transparent streams left from before a restart
         self._closing: set[asyncio.Task[None]] = set()
-        self._delivered: list[int] = []  # acknowledged upstream in this loop iteration
+        self._unsettled: dict[int, None] = {}  # accepted ids, neither committed nor acknowledged upstream
+        self._settling: deque[tuple[int, Callable[[bool], None]]] = deque()  # (last id to settle, then)
         self._commit_timer: asyncio.TimerHandle | None = None
-        self._commit_soon = False
+        self._commit_at = 0.0
 
     @property
     def name(self) -> str:
@@ -327,11 +333,8 @@ class UpstreamBroker:
         for session_client in clients:
             await session_client.stop()
         await asyncio.gather(*self._closing, return_exceptions=True)
-        self._discard_delivered()
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
-        self.store.close()  # commits the discards
+        self.commit()
+        self.store.close()
 
     def _client(
         self,
@@ -472,9 +475,6 @@ class UpstreamBroker:
             ):
                 self.dropped_qos0_outage += 1
             return 0
-        if not self._commit_soon:  # the safety net: a path that acknowledges without Broker.commit
-            self._commit_soon = True
-            asyncio.get_running_loop().call_soon(self.commit)
         stored = self.store.append(
             session.stream,
             message.topic,
@@ -483,7 +483,7 @@ class UpstreamBroker:
             message.retain,
             encode_properties(message.properties) if message.properties is not EMPTY_PROPERTIES else b"",
             self.clock.wall(),
-            commit=False,  # committed by commit(), before the gateway acknowledges it
+            commit=False,  # settled by the upstream PUBACK or the commit, whichever comes first
         )
         if stored is None:
             self.buffer_full += 1
@@ -495,37 +495,73 @@ class UpstreamBroker:
                 extra=client_fields(session.client.client_id, session.client.peer, session.client.protocol),
             )
             return ReasonCode.QUOTA_EXCEEDED
+        self._unsettled[stored] = None
+        self._commit_within(self.config.commit_delay)
         forwarder = session.forwarder or self._shared_forwarder
         if forwarder is not None:
             forwarder.pump()
         return 0
 
-    def _delivered_upstream(self, stored_id: int) -> None:
-        """Discarded from the store once per loop iteration, written with the next commit or within
-        :data:`DELETE_COMMIT_DELAY` (the delete need not be durable at once: QoS 1)."""
-        delivered = self._delivered
-        if not delivered:
-            asyncio.get_running_loop().call_soon(self._discard_delivered)
-        delivered.append(stored_id)
-
-    def _discard_delivered(self) -> None:
-        if not self._delivered or self.store.closed:
+    def settle(self, then: Callable[[bool], None]) -> None:
+        """:meth:`gateways.base.Broker.settle`: ``then`` runs when the messages accepted so far are
+        acknowledged upstream or committed (at the latest ``upstream.commit_delay`` seconds from now)."""
+        unsettled = self._unsettled
+        if not unsettled:
+            then(True)
             return
-        self.store.discard(self._delivered)
-        self._delivered.clear()
-        if self._commit_timer is None:
-            self._commit_timer = asyncio.get_running_loop().call_later(DELETE_COMMIT_DELAY, self._commit)
+        self._settling.append((next(reversed(unsettled)), then))
+        if not self.config.commit_delay:
+            self.commit()
 
-    def _commit(self) -> None:
-        self._commit_timer = None
-        self.commit()
+    def _settled(self, settled: bool) -> None:
+        """Run the waiting ``settle`` callbacks whose messages are all settled now (all of them, with
+        ``settled`` false, when a commit failed)."""
+        settling = self._settling
+        unsettled = self._unsettled
+        while settling and (not settled or not unsettled or next(iter(unsettled)) > settling[0][0]):
+            settling.popleft()[1](settled)
+
+    def _delivered_upstream(self, stored_id: int) -> None:
+        """Acknowledged (or refused) upstream: gone from the store (the delete of a committed message is
+        written with the next commit or within :data:`DELETE_COMMIT_DELAY`; it need not be durable at
+        once, QoS 1), and settled for the device if it was not yet."""
+        store = self.store
+        if store.closed:
+            return
+        store.discard((stored_id,))
+        if self._unsettled.pop(stored_id, 0) is None and self._settling:
+            self._settled(True)
+        if self._commit_timer is None and store.uncommitted:
+            self._commit_within(DELETE_COMMIT_DELAY)
+
+    def _commit_within(self, delay: float) -> None:
+        """Commit ``delay`` seconds from now at the latest (one timer)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        timer = self._commit_timer
+        if timer is not None:
+            if self._commit_at <= at:
+                return
+            timer.cancel()
+        self._commit_at = at
+        self._commit_timer = loop.call_at(at, self.commit)
 
     def commit(self) -> None:
-        """Make the messages accepted so far survive a restart of mqgate (:class:`gateways.base.Broker`):
-        one sqlite commit for all of them; nothing to do when nothing is pending."""
-        self._commit_soon = False
+        """Make the messages accepted so far survive a restart of mqgate: one sqlite commit for all of
+        them (nothing to do when nothing is pending); their ``settle`` callbacks run. A failed commit is
+        logged and answered with ``then(False)``: the devices are not acknowledged and send again."""
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        settled = True
         if self.store.uncommitted:
-            self.store.commit()
+            try:
+                self.store.commit()
+            except StoreError as exc:
+                log.error("%s: %d messages not acknowledged: %s", self.name, len(self._unsettled), exc)
+                settled = False
+        self._unsettled.clear()
+        self._settled(settled)
 
     def _route(self, publish: Publish) -> None:
         """Aggregating: a message from the shared connection goes to every device whose filter matches; a

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from core.clock import LoopClock
 from core.config import MqttSnConfig
-from gateways.base import Broker
+from gateways.base import Broker, SettledOutbox
 from gateways.mqttsn.adapter import channel_peer, describe_mqttsn, open_channel_session, open_qos3_session
 from gateways.mqttsn.channel import MqttSnChannel
 from gateways.mqttsn.gateway import MqttSnGateway
@@ -61,6 +61,7 @@ class MqttSnLinkGateway:
         self._advertiser: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.packet_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
+        self._outbox = SettledOutbox(self.name, broker, self._send)
 
     @property
     def address(self) -> str:
@@ -126,13 +127,7 @@ class MqttSnLinkGateway:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        self.broker.commit()  # what acknowledges publishes leaves after they are durable
-        link = self.link
-        trace = self.packet_trace
-        for peer, data in self.gateway.datagrams_to_send():
-            if trace is not None:
-                trace.sent(peer, data)
-            link.send(str(peer), data)
+        self._outbox.push(self.gateway.datagrams_to_send())  # sent once the broker settled what they answer
         for channel in self.gateway.take_session_requests():
             self._spawn(self._open_session(channel))
         deadline = self.gateway.get_timer()
@@ -141,6 +136,11 @@ class MqttSnLinkGateway:
                 self._timer.cancel()
             self._timer_at = deadline
             self._timer = None if deadline is None else self.loop.call_at(deadline, self._on_timer)
+
+    def _send(self, peer: Hashable, data: bytes) -> None:
+        if self.packet_trace is not None:
+            self.packet_trace.sent(peer, data)
+        self.link.send(str(peer), data)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -4,6 +4,7 @@ the core :class:`Broker`, no sockets and no re-encoding."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from core.broker.broker import Broker
 from core.broker.session import Session
@@ -145,8 +146,9 @@ class EmbeddedBroker:
         self.broker = broker
         self.clock = clock
 
-    def commit(self) -> None:
-        """Nothing to make durable: a publish is routed when it is accepted."""
+    def settle(self, then: Callable[[bool], None]) -> None:
+        """Settled at once: a publish is routed when it is accepted."""
+        then(True)
 
     async def authenticate(self, client: ClientInfo, credentials: Credentials) -> AuthResult:
         """The broker's authentication chain (``[auth]``), as for MQTT clients (a DTLS client certificate

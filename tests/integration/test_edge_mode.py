@@ -626,6 +626,28 @@ def test_every_device_subscribing_gets_the_retained_message(
 
 
 @MODES
+def test_publishes_acknowledged_upstream_are_acknowledged_to_the_device_without_touching_the_buffer_file(
+    mode: str, mosquittos: Callable[..., Mosquitto], edges: Edges, sn: Any, clients: Clients
+) -> None:
+    """With the upstream up, a device's PUBACK follows mosquitto's: the commit (5 s away here) never comes
+    and no message is written to the buffer file."""
+    broker = mosquittos()
+    running = edges.start(url_of(broker), mode, commit_delay=5.0)
+    watcher = clients.paho(broker.port, "watcher", version=5)
+    assert watcher.subscribe("direct/#", 1) == 1
+    device = sn(running).raw()
+    device.connect("direct-dev")
+    topic_id = device.register("direct/t")
+    wait_linked(running)
+
+    payloads = numbered(200)
+    publish_windowed(device, topic_id, payloads, window=8)
+    assert [m.payload for m in watcher.expect_many(200)] == payloads
+    assert running.call(lambda: upstream_of(running).store.written) == 0
+    assert buffered(running) == 0
+
+
+@MODES
 def test_thousand_qos1_publishes_during_an_outage_all_arrive_in_order(
     mode: str, mosquittos: Callable[..., Mosquitto], edges: Edges, sn: Any, clients: Clients
 ) -> None:

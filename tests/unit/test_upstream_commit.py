@@ -1,22 +1,27 @@
-"""Edge mode's group commit (issue 7): a device's QoS 1/2 publish is in the store at once, durable after
-:meth:`UpstreamBroker.commit`, which the UDP adapters call before any datagram (a PUBACK, a CoAP ACK) leaves.
+"""Edge mode's settling (issue 7): a device's QoS 1/2 publish is acknowledged once the upstream broker has
+acknowledged it or it is committed to the buffer, whichever comes first (``upstream.commit_delay``); the
+gateway adapters hold their datagrams until :meth:`gateways.base.Broker.settle` says so, in order.
 
 The upstream broker is never started here (aggregating mode without its shared connection): the messages
-stay in the buffer, which is all these tests look at.
+stay in the buffer, so only the commit can settle them. The upstream side is tested against mosquitto in
+tests/integration/test_edge_mode.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+import logging
+from collections.abc import Callable, Hashable
 from pathlib import Path
+
+import pytest
 
 from core.broker.types import ClientInfo, Message
 from core.clock import LoopClock
 from core.config import UpstreamConfig
 from core.store import MessageStore
 from gateways.udp import UdpGatewayAdapter
-from gateways.upstream import UpstreamBroker
+from gateways.upstream import UpstreamBroker, UpstreamSession
 
 
 class NoSink:
@@ -30,43 +35,94 @@ class NoSink:
         raise AssertionError("nobody is kicked here")
 
 
-def _broker(tmp_path: Path) -> UpstreamBroker:
-    config = UpstreamConfig(url="mqtt://127.0.0.1:9", mode="aggregating", buffer_dir=str(tmp_path))
+def _broker(tmp_path: Path, commit_delay: float) -> UpstreamBroker:
+    config = UpstreamConfig(
+        url="mqtt://127.0.0.1:9", mode="aggregating", buffer_dir=str(tmp_path), commit_delay=commit_delay
+    )
     return UpstreamBroker(config, LoopClock(asyncio.get_running_loop()))
 
 
-def test_publishes_of_a_loop_iteration_share_one_commit_made_before_the_acknowledgement(
-    tmp_path: Path,
-) -> None:
-    async def run() -> tuple[list[bool], bool, bool]:
-        broker = _broker(tmp_path)
+async def _session(broker: UpstreamBroker) -> UpstreamSession:
+    return await broker.open_session(
+        ClientInfo("dev", "mqttsn", "peer"),
+        clean_start=True,
+        expiry=0,
+        will=None,
+        sink=NoSink(),
+        max_inflight=1,
+    )
+
+
+def _stored(tmp_path: Path) -> list[bytes]:
+    with MessageStore(tmp_path / "buffer.sqlite3", 1 << 20) as store:
+        return [m.payload for m in store]
+
+
+def test_publishes_settle_together_when_the_commit_delay_has_passed(tmp_path: Path) -> None:
+    async def run() -> tuple[list[bool], list[str]]:
+        broker = _broker(tmp_path, commit_delay=0.01)
+        events: list[str] = []
         try:
-            session = await broker.open_session(
-                ClientInfo("dev", "mqttsn", "peer"),
-                clean_start=True,
-                expiry=0,
-                will=None,
-                sink=NoSink(),
-                max_inflight=1,
-            )
-            states = []
+            session = await _session(broker)
+            uncommitted = []
             for i in range(3):
                 assert session.publish(Message("t", b"%d" % i, 1, False)) == 0
-                states.append(broker.store.uncommitted)
-            assert broker.store.count() == 3
-            broker.commit()  # what the adapter does before sending the PUBACKs
-            after_commit = broker.store.uncommitted
-            assert session.publish(Message("t", b"late", 1, False)) == 0
-            await asyncio.sleep(0)  # one loop iteration: the loop commits what no adapter did
-            return states, after_commit, broker.store.uncommitted
+                uncommitted.append(broker.store.uncommitted)
+            done = asyncio.get_running_loop().create_future()
+            broker.settle(lambda settled: events.append(f"first {settled}"))
+            broker.settle(lambda settled: (events.append(f"second {settled}"), done.set_result(None)))
+            events.append("settle returned")
+            await asyncio.wait_for(done, 5)
+            events.append("committed" if not broker.store.uncommitted else "uncommitted")
+            broker.settle(lambda settled: events.append(f"nothing pending {settled}"))
+            return uncommitted, events
         finally:
             await broker.stop()
 
-    states, after_commit, after_iteration = asyncio.run(run())
-    assert states == [True, True, True]
-    assert not after_commit and not after_iteration
-    with MessageStore(tmp_path / "buffer.sqlite3", 1 << 20) as store:
-        assert [m.payload for m in store] == [b"0", b"1", b"2", b"late"]
+    uncommitted, events = asyncio.run(run())
+    assert uncommitted == [True, True, True]
+    assert events == ["settle returned", "first True", "second True", "committed", "nothing pending True"]
+    assert _stored(tmp_path) == [b"0", b"1", b"2"]
+
+
+def test_a_commit_delay_of_zero_commits_before_settle_returns(tmp_path: Path) -> None:
+    async def run() -> tuple[list[bool], bool, int]:
+        broker = _broker(tmp_path, commit_delay=0)
+        try:
+            session = await _session(broker)
+            assert session.publish(Message("t", b"now", 1, False)) == 0
+            results: list[bool] = []
+            broker.settle(results.append)
+            return results, broker.store.uncommitted, broker.store.written
+        finally:
+            await broker.stop()
+
+    results, uncommitted, written = asyncio.run(run())
+    assert results == [True]
+    assert not uncommitted and written == 1
+    assert _stored(tmp_path) == [b"now"]
+
+
+def test_a_failed_commit_settles_nothing_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> list[bool]:
+        broker = _broker(tmp_path, commit_delay=0)
+        try:
+            session = await _session(broker)
+            assert session.publish(Message("t", b"lost", 1, False)) == 0
+            broker.store._con.execute("DROP TABLE messages")  # the next insert fails
+            results: list[bool] = []
+            broker.settle(results.append)
+            return results
+        finally:
+            broker.store._closed = True  # the broken file is not closed cleanly
+            broker.store._con.close()
+            await broker.stop()
+
+    with caplog.at_level(logging.ERROR, logger="mqgate.upstream"):
+        assert asyncio.run(run()) == [False]
+    assert "1 messages not acknowledged" in caplog.text
 
 
 class Core:
@@ -89,26 +145,36 @@ class Core:
         pass
 
 
-class RecordingBroker:
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.commits: list[int] = []  # datagrams waiting to be sent at each commit
+class HoldingBroker:
+    """Settles only when the test says so (``release``); with ``at_once``, as the embedded broker does."""
 
-    def commit(self) -> None:
-        self.commits.append(len(self.core.outbox))
+    def __init__(self, at_once: bool = False) -> None:
+        self.at_once = at_once
+        self.waiting: list[Callable[[bool], None]] = []
+
+    def settle(self, then: Callable[[bool], None]) -> None:
+        if self.at_once:
+            then(True)
+        else:
+            self.waiting.append(then)
+
+    def release(self, settled: bool = True) -> None:
+        self.waiting.pop(0)(settled)
 
 
 class Adapter(UdpGatewayAdapter):
-    def __init__(self, core: Core, broker: RecordingBroker) -> None:
+    def __init__(self, core: Core, broker: HoldingBroker) -> None:
         super().__init__(core, "127.0.0.1", 0)
         self.broker = broker  # type: ignore[assignment]
 
 
-def test_the_udp_adapter_commits_once_per_batch_of_datagrams_before_answering() -> None:
+def test_the_udp_adapter_holds_each_batch_until_it_is_settled_and_sends_them_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def run() -> tuple[list[int], list[bytes]]:
         loop = asyncio.get_running_loop()
         core = Core()
-        broker = RecordingBroker(core)
+        broker = HoldingBroker()
         adapter = Adapter(core, broker)
         await adapter.start()
         received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -118,24 +184,34 @@ def test_the_udp_adapter_commits_once_per_batch_of_datagrams_before_answering() 
                 received.put_nowait(data)
 
         transport, _ = await loop.create_datagram_endpoint(Device, remote_addr=("127.0.0.1", adapter.port))
+        device = transport.get_extra_info("sockname")
         try:
-            for name in (b"a", b"b", b"c"):
-                adapter.datagram_received(name, transport.get_extra_info("sockname"))
-            assert broker.commits == []  # nothing answered yet
+            waiting = []
+            for batch in ((b"a", b"b"), (b"c",), (b"d",)):
+                for name in batch:
+                    adapter.datagram_received(name, device)
+                await asyncio.sleep(0)  # the flush of this loop iteration: one batch
+                waiting.append(len(broker.waiting))
+            assert received.empty()  # nothing settled, nothing sent
+            broker.release()
+            broker.release(settled=False)  # "c" answers a publish that could not be stored
+            broker.release()
             answers = [await asyncio.wait_for(received.get(), 5) for _ in range(3)]
-            return broker.commits, answers
+            return waiting, answers
         finally:
             transport.close()
             await adapter.stop()
 
-    commits, answers = asyncio.run(run())
-    assert commits == [3]
-    assert answers == [b"ack a", b"ack b", b"ack c"]
+    with caplog.at_level(logging.WARNING, logger="mqgate.gateway"):
+        waiting, answers = asyncio.run(run())
+    assert waiting == [1, 2, 3]
+    assert answers == [b"ack a", b"ack b", b"ack d"]
+    assert "1 datagram(s) not sent" in caplog.text
 
 
-def test_the_udp_adapter_commits_and_answers_before_what_handling_the_datagram_scheduled() -> None:
-    """An upstream client queues its PUBLISH with ``call_soon`` while the datagram is handled; the
-    adapter's commit and answers come first, so the device's PUBACK does not wait for that write."""
+def test_the_udp_adapter_answers_before_what_handling_the_datagram_scheduled() -> None:
+    """An upstream client queues its PUBLISH with ``call_soon`` while the datagram is handled; answers
+    settled at once (the embedded broker) leave first."""
 
     async def run() -> list[str]:
         loop = asyncio.get_running_loop()
@@ -146,16 +222,15 @@ def test_the_udp_adapter_commits_and_answers_before_what_handling_the_datagram_s
                 super().receive_datagram(data, peer, now)
                 loop.call_soon(order.append, "upstream write")
 
-        class Committing(RecordingBroker):
-            def commit(self) -> None:
-                order.append("commit")
+        class Recording(Adapter):
+            def _send(self, peer: Hashable, data: bytes) -> None:
+                order.append("answer")
 
-        core = Forwarding()
-        adapter = Adapter(core, Committing(core))
+        adapter = Recording(Forwarding(), HoldingBroker(at_once=True))
         adapter.datagram_received(b"a", ("127.0.0.1", 9))
         for _ in range(2):  # the callbacks of one loop iteration
             await asyncio.sleep(0)
         await adapter.stop()
         return order
 
-    assert asyncio.run(run()) == ["commit", "upstream write"]
+    assert asyncio.run(run()) == ["answer", "upstream write"]
