@@ -507,7 +507,7 @@ class MessageStore:
         Nothing is removed: :meth:`delete` the ones delivered. ``after_id`` lets a sender with messages in
         flight read the next ones without reading those again.
         """
-        if limit <= 0:
+        if limit <= 0 or stream not in self._streams:  # nothing pending: no read
             return []
         tail = self._tails.get(stream)
         if tail is not None:
