@@ -173,8 +173,8 @@ class MessageStore:
         "_tails",
         "_total_bytes",
         "_total_count",
-        "written",
         "rejected_full",
+        "written",
     )
 
     def __init__(
