@@ -65,7 +65,16 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._outbox: SettledOutbox | None = None  # made at the first flush: subclasses set the broker
-        self.packet_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
+        self._wire_trace: DatagramTrace | None = None  # set by core.trace while a client-id trace runs
+
+    @property
+    def packet_trace(self) -> DatagramTrace | None:
+        """The trace of the datagrams of traced clients (:mod:`core.trace`), None when nobody is traced."""
+        return self._wire_trace
+
+    @packet_trace.setter
+    def packet_trace(self, trace: DatagramTrace | None) -> None:
+        self._wire_trace = trace
 
     @property
     def address(self) -> str:
@@ -84,10 +93,11 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
         # once for every datagram read in this loop iteration; scheduled first, so that answers that need
         # not wait leave ahead of what handling the datagram writes elsewhere (an upstream PUBLISH)
         self.schedule_flush()
-        if self.packet_trace is None:
+        trace = self._wire_trace
+        if trace is None:
             self.core.receive_datagram(data, addr, self.loop.time())
         else:
-            self.packet_trace.receive(self.core.receive_datagram, data, addr, self.loop.time())
+            trace.receive(self.core.receive_datagram, data, addr, self.loop.time())
 
     def error_received(self, exc: Exception) -> None:
         log.info("%s socket error: %s", self.name, exc)
@@ -115,8 +125,8 @@ class UdpGatewayAdapter(asyncio.DatagramProtocol):
             self._timer = None if deadline is None else self.loop.call_at(deadline, self._on_timer)
 
     def _send(self, peer: Hashable, data: bytes) -> None:
-        if self.packet_trace is not None:
-            self.packet_trace.sent(peer, data)
+        if self._wire_trace is not None:
+            self._wire_trace.sent(peer, data)
         if self.transport is not None:  # gone once the adapter stopped
             self.transport.sendto(data, cast(tuple[str, int], peer))
 

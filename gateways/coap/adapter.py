@@ -7,7 +7,7 @@ import asyncio
 import logging
 from abc import abstractmethod
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from core.broker.types import ClientInfo, Credentials
 from core.clock import LoopClock
@@ -21,6 +21,9 @@ from gateways.coap.dtls import AddressGuard, DtlsDatagramCore
 from gateways.coap.gateway import CoapGateway, SessionRequest
 from gateways.coap.numbers import Code, Type, code_name, is_request
 from gateways.udp import UdpGatewayAdapter
+
+if TYPE_CHECKING:
+    from core.trace import DatagramTrace
 
 __all__ = ["CoapDtlsGateway", "CoapFamilyAdapter", "CoapUdpGateway", "describe_coap"]
 
@@ -59,10 +62,23 @@ class CoapFamilyAdapter(UdpGatewayAdapter, Generic[R]):
         self.core = self.dtls
         self.psk_identity_as_username = settings.psk_identity_as_username
 
+    @property
+    def packet_trace(self) -> DatagramTrace | None:
+        """Over DTLS the trace sits in the DTLS layer, which hands it the CoAP messages in plaintext; the
+        adapter's own datagrams are then ciphertext and not traced."""
+        return self._wire_trace if self.dtls is None else self.dtls.packet_trace
+
+    @packet_trace.setter
+    def packet_trace(self, trace: DatagramTrace | None) -> None:
+        if self.dtls is None:
+            self._wire_trace = trace
+        else:
+            self.dtls.packet_trace = trace
+
     def trace_peer(self, client_id: str) -> Hashable | None:
-        """The peer of broker client id ``client_id``; None over DTLS, whose datagrams are ciphertext."""
+        """The peer of broker client id ``client_id``."""
         prefix = self.clientid_prefix
-        if self.dtls is not None or not client_id.startswith(prefix):
+        if not client_id.startswith(prefix):
             return None
         return self._peer_of(client_id[len(prefix) :])
 

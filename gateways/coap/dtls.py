@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
@@ -40,6 +40,9 @@ from core.config import DtlsConfig
 from core.errors import ConfigError
 from core.logging import PeerLog, format_peer
 from gateways.udp import DatagramCore
+
+if TYPE_CHECKING:
+    from core.trace import DatagramTrace
 
 __all__ = ["MTU", "AddressGuard", "DtlsDatagramCore", "server_context"]
 
@@ -234,6 +237,7 @@ class DtlsDatagramCore:
         self._out: list[tuple[Hashable, bytes]] = []
         self._scratch = bytearray(_RING)
         self._next_sweep: float | None = None
+        self.packet_trace: DatagramTrace | None = None  # the adapter's, over DTLS: sees the plaintext
 
     @classmethod
     def from_config(
@@ -283,6 +287,8 @@ class DtlsDatagramCore:
             if state is None or not state.established:  # a DTLS server never starts a handshake
                 self.unsent_datagrams += 1
                 continue
+            if self.packet_trace is not None:
+                self.packet_trace.sent(peer, message)
             try:
                 state.context.write(message)
             except TLSError as exc:
@@ -405,7 +411,11 @@ class DtlsDatagramCore:
                 else:
                     self._fail(state, exc.msg)
                 return
-            self.inner.receive_datagram(bytes(scratch[:size]), state.address, now)
+            trace = self.packet_trace
+            if trace is None:
+                self.inner.receive_datagram(bytes(scratch[:size]), state.address, now)
+            else:
+                trace.receive(self.inner.receive_datagram, bytes(scratch[:size]), state.address, now)
 
     def _drain(self, state: _Peer) -> None:
         records = state.context.peek_outgoing(_RING)

@@ -169,6 +169,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
                 device = self.by_location.get(path[1])
                 if device is None:
                     raise CoapError(Code.NOT_FOUND, "no such registration")
+                self._check_identity(request, device.endpoint)  # nobody else updates or ends it
                 if msg.code == POST:
                     self._update(device, request, now)
                 elif msg.code == DELETE:
@@ -227,7 +228,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
 
     def _check_identity(self, request: RequestReceived, endpoint: str) -> None:
         """Refuse (4.03) an endpoint name that is not the identity the peer authenticated with (LwM2M 1.1
-        Transport §5.2.8, Core §7.1), before a registration of that name is replaced."""
+        Transport §5.2.8, Core §7.1), before a registration of that name is replaced, updated or ended."""
         identity = None if self.peer_identity is None else self.peer_identity(request.peer)
         if identity is not None and identity != endpoint:
             self.count("registrations_identity_mismatch")

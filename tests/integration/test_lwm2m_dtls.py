@@ -137,6 +137,28 @@ def test_a_psk_device_may_not_register_another_endpoint_name(
     assert "127.0.0.1" in line and "'dev-2'" in line and "'dev-1'" in line
 
 
+def test_a_psk_device_may_not_update_or_end_another_devices_registration(
+    broker: RunningBroker, app: Application
+) -> None:
+    """Knowing dev-1's registration location is not enough: an update (``POST /rd/{location}``) or a
+    de-registration (``DELETE``) from a peer with another identity gets 4.03 and changes nothing."""
+    register(broker, "dev-1", device("dev-1"))
+    app.next("lwm2m/dev-1/up/register", lambda b: b["msgType"] == "register")
+    registered = location(broker, "dev-1")
+    port: int = broker.app.listeners["lwm2m:dtls"].port  # type: ignore[attr-defined]
+    for method in ("post", "delete"):
+        result = coaps(port, method, f"rd/{registered}?lt=5", credentials=device("dev-2"))
+        assert "4.03" in result.stdout + result.stderr, (method, result.stdout, result.stderr)
+    assert identity_mismatches(broker) == 2
+    assert (endpoints(broker), location(broker, "dev-1")) == ({"dev-1"}, registered)
+    gateway = broker.app.listeners["lwm2m:dtls"].gateway  # type: ignore[attr-defined]
+    assert broker.call(lambda: gateway.devices["dev-1"].info.lifetime) == 60
+    result = coaps(port, "post", f"rd/{registered}?lt=90", credentials=device("dev-1"))  # its own: 2.04
+    assert "4.03" not in result.stdout + result.stderr
+    update = app.next("lwm2m/dev-1/up/update", lambda b: b["msgType"] == "update")
+    assert update["data"]["lt"] == 90
+
+
 def test_a_certificate_device_may_not_register_a_name_other_than_its_common_name(
     broker: RunningBroker,
     app: Application,

@@ -20,6 +20,7 @@ from tests.integration.helpers import TIMEOUT, Clients, wait_for
 from tests.integration.lwm2m_device import SimulatedDevice
 from tests.integration.mqttsn_helpers import SnClients, sn_port
 from tests.integration.test_api import Api, api_of, trace_lines
+from tests.integration.test_coap_dtls import DTLS_PSK, coaps, psk_credentials
 from tests.integration.test_hardware_serial import Node, PtyPair, serial_link
 from tests.integration.tls_helpers import TlsClient
 
@@ -227,3 +228,23 @@ def test_the_packets_of_a_websocket_client_are_traced(start_broker: Any, tmp_pat
     assert kinds(found, "in")[:2] == ["CONNECT client_id=tr-ws", "PUBLISH topic=t/ws"]
     assert kinds(found, "out")[:2] == ["CONNACK session_present=0", "PUBACK id=1"]
     assert {line["listener"] for line in trace_lines(api, "ws") if line["event"] == "packet"} == {"mqtt:ws"}
+
+
+def test_the_packets_of_a_coap_client_over_dtls_are_traced_in_plaintext(
+    start_broker: Any, tmp_path: Path
+) -> None:
+    """The trace sits in the DTLS layer: the CoAP messages are written decoded, not the encrypted records,
+    and the handshake is not traced."""
+    running = start_broker(api={"trace_dir": str(tmp_path)}, gateways={"coap": {"dtls": DTLS_PSK}})
+    api = api_of(running)
+    start_trace(api, "dtls", "tr-dtls")
+    port = running.app.listeners["coap:dtls"].port
+    result = coaps(port, "put", "mqtt/t/dtls?c=tr-dtls", credentials=psk_credentials(), payload="21.5")
+    assert result.returncode == 0, result.stderr
+    found = wait_for(lambda: (found := packets(api, "dtls")) and kinds(found, "out") and found)
+    ((_, request),) = [(way, p) for way, p in found if way == "in"]
+    assert request.startswith("CON PUT") and "uri=/mqtt/t/dtls?c=tr-dtls" in request, request
+    assert "payload_size=4" in request
+    assert kinds(found, "out") == ["ACK 2.04"]
+    listeners = {line["listener"] for line in trace_lines(api, "dtls") if line["event"] == "packet"}
+    assert listeners == {"coap:dtls"}
