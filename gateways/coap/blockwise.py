@@ -3,7 +3,9 @@ block by block and put back together (RFC 7959 §2.3, §2.4).
 
 The client sends its request; a response carrying Block2 with the M bit set is the first block of a larger
 body, and the client asks for each following block with the same request and Block2 ``NUM`` = the next block
-number at the size the server chose (§2.4). :class:`Block2Download` checks that every block continues the
+number at the size the server chose (§2.4), without Observe: the rest of an observe response or of a
+notification is fetched with plain GETs, and the whole keeps the first block's options (its Observe number,
+RFC 7959 §2.6). :class:`Block2Download` checks that every block continues the
 body where the previous one ended and keeps the body within a bound; a violation is a
 :class:`BlockwiseError` carrying the code to report (4.08 for a block out of sequence, 4.13 for a body over
 the bound, RFC 7959 §2.9).
@@ -21,6 +23,7 @@ __all__ = ["Block2Download", "BlockwiseError"]
 
 _BLOCK2 = int(OptionNumber.BLOCK2)
 _SIZE2 = int(OptionNumber.SIZE2)
+_OBSERVE = int(OptionNumber.OBSERVE)
 
 
 class BlockwiseError(CoapError):
@@ -34,6 +37,7 @@ class Block2Download:
     max_size: int
     body: bytearray = field(default_factory=bytearray)
     blocks: int = 0
+    first: CoapMessage | None = None  # the first block's response: its options make the whole's
 
     def add(self, response: CoapMessage) -> Block | None:
         """Append ``response``'s block; returns the Block2 value to ask for next, or None once the body is
@@ -45,6 +49,8 @@ class Block2Download:
         announced = response.size2()
         if announced is not None and announced > self.max_size:
             raise self._too_large(announced)
+        if self.first is None:
+            self.first = response
         if block is None:
             if self.blocks:
                 raise BlockwiseError(
@@ -80,12 +86,15 @@ class Block2Download:
         )
 
     def next_request(self, request: CoapMessage, block: Block) -> CoapMessage:
-        """``request`` again, asking for ``block`` (§2.4); the caller gives it a token and message id."""
-        options = [(n, v) for n, v in request.options if n != _BLOCK2]
+        """``request`` again without Observe, asking for ``block`` (§2.4, §2.6); the caller gives it a token
+        and message id."""
+        options = [(n, v) for n, v in request.options if n != _BLOCK2 and n != _OBSERVE]
         options.append((_BLOCK2, encode_block(block.num, False, block.szx)))
         return CoapMessage(request.mtype, request.code, 0, b"", options, request.payload)
 
     def whole(self, last: CoapMessage) -> CoapMessage:
-        """The complete response: ``last`` (the final block, with its code and options), the whole body."""
-        options = [(n, v) for n, v in last.options if n not in (_BLOCK2, _SIZE2)]
-        return CoapMessage(last.mtype, last.code, last.mid, last.token, options, bytes(self.body))
+        """The complete response: the first block's code, token and options (its Observe number) with the
+        whole body (``last``'s when it was the only block)."""
+        first = self.first or last
+        options = [(n, v) for n, v in first.options if n not in (_BLOCK2, _SIZE2)]
+        return CoapMessage(first.mtype, first.code, first.mid, first.token, options, bytes(self.body))

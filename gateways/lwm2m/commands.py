@@ -69,6 +69,7 @@ class Command:
     accept: int | None = None
     answered: bool = False  # an observe's first response came: what follows are notifications
     download: Block2Download | None = None  # a response coming in Block2 blocks (RFC 7959 §2.3)
+    notification: Block2Download | None = None  # a notification coming in blocks (§2.6), being fetched
 
     @property
     def req_path(self) -> str:

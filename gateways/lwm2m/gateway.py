@@ -58,6 +58,16 @@ log = logging.getLogger("mqgate.lwm2m")
 POST, DELETE = int(Code.POST), int(Code.DELETE)
 _LOCATION_PATH = int(OptionNumber.LOCATION_PATH)
 _BLOCK2 = int(OptionNumber.BLOCK2)
+_OBSERVE = int(OptionNumber.OBSERVE)
+
+
+@dataclass(slots=True)
+class _NotificationFetch:
+    """The exchange context of the GETs fetching the rest of a block-wise notification (RFC 7959 §2.6)."""
+
+    device: Device
+    command: Command
+    download: Block2Download
 _SWEEP_SECONDS = 1.0
 _SKIPPED_BY_ALL = frozenset({0, 1, 2})  # security, server and access control are not observed by "all"
 
@@ -426,6 +436,12 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
 
     def _on_response(self, event: ResponseReceived, now: float) -> None:
         context = event.context
+        if isinstance(context, _NotificationFetch):
+            if context.device.closed or context.command.notification is not context.download:
+                return  # the device is gone, or a newer notification replaced this one
+            self._uplink(context.device, now)
+            self._notification_block(context, event.message, now)
+            return
         if not isinstance(context, tuple):
             return
         device, command = context
@@ -437,10 +453,15 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         if command.msg_type == "observe" and command.answered:
             if response.observe() is None or response.code >= 128:  # the device ended it (RFC 7641 §3.2)
                 device.observations.pop(command.request.token, None)
+            if response.code == int(Code.CONTENT) and response.option(_BLOCK2) is not None:
+                # the rest by GETs (RFC 7959 §2.6); a newer notification drops what is left of this one
+                download = command.notification = Block2Download(self.config.max_response_size)
+                self._notification_block(_NotificationFetch(device, command, download), response, now)
+                return
             self.count("notifications")
             self._publish(device, self.config.topic_notify, notify_message(command, response, self.types))
             return
-        if command.msg_type != "observe" and response.code == int(Code.CONTENT):
+        if not command.answered and response.code == int(Code.CONTENT):
             whole = self._whole_response(device, command, response, now)
             if whole is None:
                 return
@@ -488,8 +509,50 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
         self.endpoint.request(device.peer, request, (device, command), now)
         return None
 
+    def _notification_block(self, fetch: _NotificationFetch, response: CoapMessage, now: float) -> None:
+        """One block of a notification: ask for the next, or publish the whole notification on up/notify
+        (with the first block's Observe number); a broken transfer is published there with its error
+        (4.08, 4.13) and counted in ``notifications_incomplete``."""
+        device, command, download = fetch.device, fetch.command, fetch.download
+        try:
+            following = download.add(response)
+        except BlockwiseError as exc:
+            self._notification_failed(fetch, int(exc.code), exc.text)
+            return
+        if following is None:
+            command.notification = None
+            self.count("notifications")
+            whole = download.whole(response)
+            self._publish(device, self.config.topic_notify, notify_message(command, whole, self.types))
+            return
+        request = download.next_request(command.request, following)
+        request.token = secrets.token_bytes(4)
+        self.endpoint.request(device.peer, request, fetch, now)
+
+    def _notification_failed(self, fetch: _NotificationFetch, code: int, reason: str) -> None:
+        device, command, download = fetch.device, fetch.command, fetch.download
+        command.notification = None
+        self.count("notifications_incomplete")
+        log.info(
+            "lwm2m %s: notification of %s: %s",
+            device.endpoint,
+            command.req_path,
+            reason,
+            extra=client_fields(device.endpoint, device.peer, "lwm2m"),
+        )
+        first = download.first
+        options = [] if first is None else [(n, v) for n, v in first.options if n == _OBSERVE]
+        failed = CoapMessage(0, code, 0, b"", options, reason.encode())
+        self._publish(device, self.config.topic_notify, notify_message(command, failed, self.types))
+
     def _on_gave_up(self, event: GaveUp) -> None:
         context = event.context
+        if isinstance(context, _NotificationFetch):
+            if not context.device.closed and context.command.notification is context.download:
+                blocks = context.download.blocks
+                reason = f"no answer from the device to the request for block {blocks} of a notification"
+                self._notification_failed(context, int(Code.GATEWAY_TIMEOUT), reason)
+            return
         if not isinstance(context, tuple):
             return
         device, command = context

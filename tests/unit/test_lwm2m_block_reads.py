@@ -147,3 +147,116 @@ def test_a_block_never_answered_is_a_timeout_naming_the_block() -> None:
         "codeMsg": "timeout",
         "error": "no answer from the device to the request for block 1 of its response",
     }
+
+
+# --- observations whose answer or notifications come block-wise (RFC 7959 §2.6)
+
+OBSERVE = int(OptionNumber.OBSERVE)
+
+
+def observe(h: Harness, endpoint: str, path: str) -> CoapMessage:
+    """Publish an observe command; returns the GET (with Observe 0) the device receives."""
+    h.publish(
+        f"lwm2m/{endpoint}/dn",
+        json.dumps({"reqID": 7, "msgType": "observe", "data": {"path": path}}).encode(),
+    )
+    (get,) = h.take(DEVICE)
+    assert get.code == int(Code.GET) and get.observe() == 0
+    return get
+
+
+def notification(
+    token: bytes, seq: int, mid: int, payload: bytes, block: tuple[int, bool] | None = None
+) -> CoapMessage:
+    """A confirmable notification of observation ``token`` with Observe ``seq`` (and Block2 ``block``)."""
+    options = [(OBSERVE, encode_uint(seq)), (CONTENT_FORMAT, TEXT)]
+    if block is not None:
+        options.append((BLOCK2, encode_block(block[0], block[1], SZX_16)))
+    return CoapMessage(CON, int(Code.CONTENT), mid, token, options, payload)
+
+
+def accepted(get: CoapMessage) -> CoapMessage:
+    """The device's 2.05 to an observe GET, Observe 1: the observation is registered (RFC 7641 §3.2)."""
+    options = [(OBSERVE, encode_uint(1)), (CONTENT_FORMAT, TEXT)]
+    return CoapMessage(ACK, int(Code.CONTENT), get.mid, get.token, options, b"start")
+
+
+def notifications(h: Harness) -> list[dict[str, Any]]:
+    return [json.loads(d.payload) for d in h.watcher.deliveries if d.topic.endswith("/up/notify")]
+
+
+def fetch_request(sent: list[CoapMessage]) -> CoapMessage:
+    """The GET among what the gateway sent (beside the empty ACK of a confirmable notification)."""
+    (get,) = [m for m in sent if m.code == int(Code.GET)]
+    assert get.observe() is None, "the rest of a notification is fetched without Observe"
+    return get
+
+
+def test_an_observe_answered_block_wise_is_published_whole_and_the_observation_stays() -> None:
+    h = Harness()
+    h.watch("lwm2m/#")
+    h.register("dev")
+    value = b"0123456789abcdef-rest"
+    get = observe(h, "dev", "/3/0/15")
+    first = answer(get, 0, True, value[:16])
+    first.options.insert(0, (OBSERVE, encode_uint(1)))
+    follow = fetch_request(h.send(first))
+    assert follow.block2() == Block(1, False, SZX_16) and follow.token != get.token
+    assert h.send(answer(follow, 1, False, value[16:])) == []
+    (data,) = responses(h)
+    assert (data["code"], data["content"]) == ("2.05", [{"path": "/3/0/15", "value": value.decode()}])
+    sent = h.send(notification(get.token, 2, 900, b"small"))  # the observation is still there
+    assert [m.mtype for m in sent] == [ACK]
+    assert notifications(h)[0]["data"]["content"] == [{"path": "/3/0/15", "value": "small"}]
+
+
+def test_a_block_wise_notification_is_fetched_by_gets_and_published_whole_with_its_observe_number() -> None:
+    h = Harness()
+    h.watch("lwm2m/#")
+    h.register("dev")
+    get = observe(h, "dev", "/3/0/15")
+    h.send(accepted(get))  # the observe's own answer: one block
+    value = b"0123456789abcdefghijklmnopqrstuvwxyz"
+    sent = h.send(notification(get.token, 5, 901, value[:16], (0, True)))
+    assert [m.mtype for m in sent if m.code == 0] == [ACK]  # the notification is acknowledged at once
+    follow = fetch_request(sent)
+    for num in (1, 2):
+        assert follow.block2() == Block(num, False, SZX_16) and follow.uri_path() == ["3", "0", "15"]
+        assert notifications(h) == []
+        more = num < 2
+        sent = h.send(answer(follow, num, more, value[num * 16 : (num + 1) * 16]))
+        if more:
+            follow = fetch_request(sent)
+    (body,) = notifications(h)
+    assert (body["msgType"], body["seqNum"], body["reqID"]) == ("notify", 5, 7)
+    assert body["data"]["content"] == [{"path": "/3/0/15", "value": value.decode()}]
+    assert h.gateway.counters["notifications"] == 1
+
+
+def test_a_newer_notification_replaces_one_still_being_fetched() -> None:
+    h = Harness()
+    h.watch("lwm2m/#")
+    h.register("dev")
+    get = observe(h, "dev", "/3/0/15")
+    h.send(accepted(get))
+    stale = fetch_request(h.send(notification(get.token, 5, 901, b"A" * 16, (0, True))))
+    fresh = fetch_request(h.send(notification(get.token, 6, 902, b"B" * 16, (0, True))))
+    assert h.send(answer(stale, 1, False, b"a-end")) == []  # the older one's rest is dropped
+    assert notifications(h) == []
+    h.send(answer(fresh, 1, False, b"b-end"))
+    (body,) = notifications(h)
+    assert body["seqNum"] == 6
+    assert body["data"]["content"] == [{"path": "/3/0/15", "value": "B" * 16 + "b-end"}]
+
+
+def test_a_notification_block_never_answered_is_published_as_a_timeout() -> None:
+    h = Harness(request_timeout=5.0)
+    h.watch("lwm2m/#")
+    h.register("dev")
+    get = observe(h, "dev", "/3/0/15")
+    h.send(accepted(get))
+    h.send(notification(get.token, 5, 901, bytes(16), (0, True)))
+    h.advance(10.0)
+    (body,) = notifications(h)
+    assert (body["seqNum"], body["data"]["code"], body["data"]["codeMsg"]) == (5, "5.04", "gateway_timeout")
+    assert h.gateway.counters["notifications_incomplete"] == 1
