@@ -68,6 +68,8 @@ class _NotificationFetch:
     device: Device
     command: Command
     download: Block2Download
+
+
 _SWEEP_SECONDS = 1.0
 _SKIPPED_BY_ALL = frozenset({0, 1, 2})  # security, server and access control are not observed by "all"
 
