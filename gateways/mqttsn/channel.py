@@ -136,6 +136,10 @@ class MqttSnChannel:
         self._held: list[_Pending] | None = None
         self._handshake_started = now
 
+    def _log_fields(self) -> dict[str, str]:
+        """A log line's client fields: the broker client id (``clientid_prefix`` included), peer, protocol."""
+        return client_fields(self.gateway.config.clientid_prefix + self.client_id, self.peer, "mqttsn")
+
     def __repr__(self) -> str:
         return f"<MqttSnChannel {self.client_id!r} {self.state.value} at {self.peer}>"
 
@@ -159,7 +163,7 @@ class MqttSnChannel:
             type(message).__name__.upper(),
             self.state.value,
             why,
-            extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            extra=self._log_fields(),
         )
 
     @property
@@ -175,7 +179,7 @@ class MqttSnChannel:
                 self.peer,
                 m.protocol_id,
                 m.client_id,
-                extra=client_fields(m.client_id, self.peer, "mqttsn"),
+                extra=client_fields(self.gateway.config.clientid_prefix + m.client_id, self.peer, "mqttsn"),
             )
             self.gateway.count("connect_refused")
             self.gateway.send(self.peer, codec.Connack(_REJECTED))
@@ -255,7 +259,7 @@ class MqttSnChannel:
                 self.client_id,
                 self.peer,
                 self.keepalive,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
 
     def session_refused(self, reason_code: int, now: float) -> None:
@@ -266,7 +270,7 @@ class MqttSnChannel:
                 self.client_id,
                 self.peer,
                 reason_code,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
             self.state = ChannelState.DISCONNECTED
             self.gateway.send(
@@ -343,7 +347,7 @@ class MqttSnChannel:
                 self.peer,
                 topic,
                 code,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
             self.gateway.send(self.peer, codec.Puback(m.topic_id, m.msg_id, rc))
             return
@@ -399,7 +403,7 @@ class MqttSnChannel:
                 self.client_id,
                 registration.name,
                 m.return_code,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
             self._drop_pending_for(registration.name)
         self._flush_pending(now)
@@ -446,7 +450,7 @@ class MqttSnChannel:
                 self.client_id,
                 topic_filter,
                 granted,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
             self.gateway.send(self.peer, codec.Suback(0, m.msg_id, _REJECTED, qos))
         else:
@@ -518,14 +522,14 @@ class MqttSnChannel:
                     "mqttsn %s asleep for %d s",
                     self.client_id,
                     m.duration,
-                    extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                    extra=self._log_fields(),
                 )
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "mqttsn %s disconnected",
                 self.client_id,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
         self._end(now, publish_will=False)
 
@@ -710,7 +714,7 @@ class MqttSnChannel:
             self.client_id,
             self.peer,
             reason_code,
-            extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            extra=self._log_fields(),
         )
         self.session = None
         self.gateway.send(self.peer, codec.Disconnect())
@@ -756,7 +760,7 @@ class MqttSnChannel:
                     "mqttsn %s (%s): will handshake not finished, dropped",
                     self.client_id,
                     self.peer,
-                    extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                    extra=self._log_fields(),
                 )
                 self.state = ChannelState.DISCONNECTED
                 session, self.session = self.session, None  # a connected client that re-sent CONNECT
@@ -824,7 +828,7 @@ class MqttSnChannel:
             self.client_id,
             self.peer,
             why,
-            extra=client_fields(self.client_id, self.peer, "mqttsn"),
+            extra=self._log_fields(),
         )
         self.gateway.count("clients_lost")
         self._end(now, publish_will=True)
@@ -869,7 +873,7 @@ class MqttSnChannel:
                 self.client_id,
                 self.peer,
                 new_peer,
-                extra=client_fields(self.client_id, self.peer, "mqttsn"),
+                extra=self._log_fields(),
             )
             self.gateway.count("clients_lost")
             session, self.session = self.session, None

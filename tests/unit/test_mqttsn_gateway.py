@@ -8,6 +8,7 @@ the MQTT side is a broker session with a recording :class:`DeliverySink`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -137,6 +138,17 @@ def test_connect_opens_a_broker_session_with_the_prefixed_client_id() -> None:
     assert "sn-dev1" in h.broker.sessions
     assert h.broker.sessions["sn-dev1"].client.protocol == "mqttsn"
     assert h.gateway.by_peer[A] is channel
+
+
+def test_log_lines_about_a_client_carry_its_prefixed_broker_client_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness(clientid_prefix="sn-")
+    h.connect(A, "dev1")
+    with caplog.at_level(logging.INFO, logger="mqgate.mqttsn"):
+        h.send(A, codec.Regack(1, 1, ReturnCode.ACCEPTED))  # a REGACK nobody asked for
+    (record,) = [r for r in caplog.records if "dropped REGACK" in r.getMessage()]
+    assert (record.clientid, record.protocol) == ("sn-dev1", "mqttsn")
 
 
 def test_connect_beyond_max_clients_is_refused_with_congestion() -> None:
