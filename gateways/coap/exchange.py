@@ -153,6 +153,7 @@ class CoapEndpoint:
     exchange_lifetime: float | None = None
     request_timeout: float = 60.0
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    protocol: str = "coap"  # of the log lines about bad input: "coap" or "lwm2m"
 
     def __post_init__(self) -> None:
         self._seen: OrderedDict[tuple[Hashable, int], _Seen] = OrderedDict()
@@ -163,7 +164,7 @@ class CoapEndpoint:
         self._seq = 0
         self._next_mid = self.rng.randrange(0x10000)
         self._outbox: list[tuple[Hashable, bytes]] = []
-        self._bad_input = PeerLog(log, "coap")
+        self._bad_input = PeerLog(log, self.protocol)
         self._lifetime = (
             self.exchange_lifetime if self.exchange_lifetime is not None else self.timing.exchange_lifetime
         )

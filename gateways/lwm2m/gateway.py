@@ -139,6 +139,7 @@ class LwM2mGateway(CoapApplication[SessionRequest]):
             max_dedup_bytes=config.max_dedup_bytes,
             exchange_lifetime=config.exchange_lifetime,
             request_timeout=config.request_timeout,
+            protocol="lwm2m",
         )
         super().__init__(endpoint, clock.now(), _SWEEP_SECONDS)
         self.config = config

@@ -1,5 +1,6 @@
-"""Pure tests of the LwM2M gateway (:class:`LwM2mGateway`) on the embedded core broker: reads whose response
-the device sends block-wise (Block2, RFC 7959 §2.3), asked for block by block and published whole.
+"""Pure tests of the LwM2M gateway (:class:`LwM2mGateway`) on the embedded core broker: reads, observe answers
+and notifications whose body the device sends block-wise (Block2, RFC 7959 §2.3, §2.6), asked for block by
+block and published whole.
 
 No sockets and no sleeps: :class:`Harness` is ``tests/unit/harness.py``'s :class:`GatewayHarness` with an
 :class:`LwM2mGateway`. The device is a peer tuple whose datagrams are built and read with the CoAP codec.
@@ -8,8 +9,11 @@ No sockets and no sleeps: :class:`Harness` is ``tests/unit/harness.py``'s :class
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Hashable
 from typing import Any
+
+import pytest
 
 from core.broker.types import ClientInfo, Credentials
 from core.config import LwM2mConfig
@@ -260,3 +264,12 @@ def test_a_notification_block_never_answered_is_published_as_a_timeout() -> None
     (body,) = notifications(h)
     assert (body["seqNum"], body["data"]["code"], body["data"]["codeMsg"]) == (5, "5.04", "gateway_timeout")
     assert h.gateway.counters["notifications_incomplete"] == 1
+
+
+def test_a_malformed_datagram_from_a_device_is_logged_as_lwm2m(caplog: pytest.LogCaptureFixture) -> None:
+    """The CoAP layer under the LwM2M gateway names the gateway's protocol in its log lines."""
+    h = Harness()
+    with caplog.at_level(logging.INFO, logger="mqgate.coap"):
+        h.gateway.receive_datagram(b"\x40\x01", DEVICE, h.clock.now())  # a header cut short
+    (record,) = caplog.records
+    assert record.protocol == "lwm2m", record.getMessage()
