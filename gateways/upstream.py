@@ -171,6 +171,7 @@ class UpstreamSession:
         if validate_topic(message.topic) is not None:
             return ReasonCode.TOPIC_NAME_INVALID
         message.sender = self.client.client_id
+        self.local.count_received(message)
         return self.broker.forward(self, message)
 
     def subscribe(self, subscriptions: list[Subscription]) -> list[int]:
@@ -466,8 +467,8 @@ class UpstreamBroker:
     # --- messages
 
     def forward(self, session: UpstreamSession, message: Message) -> int:
-        """Send a device's message upstream: QoS 0 now or never, QoS 1/2 through the buffer."""
-        session.local.count_received(message)
+        """Send a device's message (or, aggregating, its will) upstream: QoS 0 now or never, QoS 1/2
+        through the buffer."""
         client = session.connection or self._shared
         if message.qos == 0:
             if client is None or not client.publish(
@@ -633,6 +634,7 @@ class UpstreamBroker:
                 self._resume_orphan(session.stream)
         elif publish_will and session.will is not None:
             will = session.will
+            self.metrics.wills_published += 1
             self.forward(
                 session, Message(will.topic, will.payload, will.qos, will.retain, "", will.properties)
             )
