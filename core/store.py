@@ -554,6 +554,11 @@ class MessageStore:
         return self._closed
 
     @property
+    def pending_deletes(self) -> bool:
+        """Deletes of written messages wait for :meth:`commit`."""
+        return not self._closed and bool(self._doomed or self._con.in_transaction)
+
+    @property
     def uncommitted(self) -> bool:
         """Appends or discards wait for :meth:`commit`."""
         return not self._closed and bool(self._rows or self._doomed or self._con.in_transaction)

@@ -106,7 +106,7 @@ class Forwarder:
         client = self.client
         while client.connected:
             room = min(_PEEK, client.window - client.inflight)  # read no more rows than can be sent now
-            if room <= 0:
+            if room <= 0 or self.store.count(self.stream) <= len(self._unacked):  # all of them in flight
                 return
             batch = self.store.peek(self.stream, room, after_id=self._cursor)
             if not batch:
@@ -266,10 +266,11 @@ class UpstreamBroker:
         self._shared_forwarder: Forwarder | None = None
         self._orphans: dict[str, Forwarder] = {}  # transparent streams left from before a restart
         self._closing: set[asyncio.Task[None]] = set()
-        self._unsettled: dict[int, None] = {}  # accepted ids, neither committed nor acknowledged upstream
+        self._unsettled: dict[int, float] = {}  # accepted, neither committed nor acknowledged upstream: when
         self._settling: deque[tuple[int, Callable[[bool], None]]] = deque()  # (last id to settle, then)
-        self._commit_timer: asyncio.TimerHandle | None = None
+        self._commit_timer: asyncio.TimerHandle | None = None  # runs _due
         self._commit_at = 0.0
+        self._deletes_due: float | None = None  # deletes of committed messages wait for a commit until then
 
     @property
     def name(self) -> str:
@@ -496,8 +497,7 @@ class UpstreamBroker:
                 extra=client_fields(session.client.client_id, session.client.peer, session.client.protocol),
             )
             return ReasonCode.QUOTA_EXCEEDED
-        self._unsettled[stored] = None
-        self._commit_within(self.config.commit_delay)
+        self._accepted(stored)
         forwarder = session.forwarder or self._shared_forwarder
         if forwarder is not None:
             forwarder.pump()
@@ -530,22 +530,43 @@ class UpstreamBroker:
         if store.closed:
             return
         store.discard((stored_id,))
-        if self._unsettled.pop(stored_id, 0) is None and self._settling:
+        if self._unsettled.pop(stored_id, None) is not None and self._settling:
             self._settled(True)
-        if self._commit_timer is None and store.uncommitted:
-            self._commit_within(DELETE_COMMIT_DELAY)
+        if self._deletes_due is None and store.pending_deletes:
+            self._deletes_due = asyncio.get_running_loop().time() + DELETE_COMMIT_DELAY
+            self._commit_by(self._deletes_due)
 
-    def _commit_within(self, delay: float) -> None:
-        """Commit ``delay`` seconds from now at the latest (one timer)."""
-        loop = asyncio.get_running_loop()
-        at = loop.time() + delay
+    def _accepted(self, stored_id: int) -> None:
+        """A message waits to be settled: committed ``commit_delay`` seconds from now unless acknowledged
+        upstream before."""
+        now = asyncio.get_running_loop().time()
+        self._unsettled[stored_id] = now
+        self._commit_by(now + self.config.commit_delay)
+
+    def _commit_by(self, at: float) -> None:
+        """Have :meth:`_due` run at ``at`` or earlier (one timer)."""
         timer = self._commit_timer
         if timer is not None:
             if self._commit_at <= at:
                 return
             timer.cancel()
         self._commit_at = at
-        self._commit_timer = loop.call_at(at, self.commit)
+        self._commit_timer = asyncio.get_running_loop().call_at(at, self._due)
+
+    def _due(self) -> None:
+        """Commit once the oldest message still unsettled has waited ``commit_delay``, or deletes have
+        waited :data:`DELETE_COMMIT_DELAY`; until then the timer follows the earlier of the two. Under a
+        steady flow that the upstream acknowledges in time, nothing is ever written."""
+        self._commit_timer = None
+        loop = asyncio.get_running_loop()
+        unsettled = self._unsettled
+        due = next(iter(unsettled.values())) + self.config.commit_delay if unsettled else None
+        if self._deletes_due is not None and (due is None or self._deletes_due < due):
+            due = self._deletes_due
+        if due is not None and due > loop.time():
+            self._commit_by(due)
+            return
+        self.commit()
 
     def commit(self) -> None:
         """Make the messages accepted so far survive a restart of mqgate: one sqlite commit for all of
@@ -554,6 +575,7 @@ class UpstreamBroker:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        self._deletes_due = None
         settled = True
         if self.store.uncommitted:
             try:

@@ -85,6 +85,41 @@ def test_publishes_settle_together_when_the_commit_delay_has_passed(tmp_path: Pa
     assert _stored(tmp_path) == [b"0", b"1", b"2"]
 
 
+def test_the_commit_waits_for_the_oldest_unsettled_message_not_for_the_first_timer(tmp_path: Path) -> None:
+    """Message 1 is acknowledged upstream before its commit is due; the timer armed for it then waits for
+    message 2's own delay, so a steady flow acknowledged in time is never written. The loop's clock is
+    driven by the test."""
+
+    async def run() -> list[tuple[float, int, int]]:
+        loop = asyncio.get_running_loop()
+        now = [loop.time()]
+        loop.time = lambda: now[0]  # type: ignore[method-assign]
+        broker = _broker(tmp_path, commit_delay=0.05)
+        seen: list[tuple[float, int, int]] = []
+
+        async def advance(seconds: float) -> None:
+            now[0] += seconds
+            for _ in range(3):  # the timers due now run
+                await asyncio.sleep(0)
+            seen.append((round(seconds, 2), broker.store.written, len(broker._unsettled)))
+
+        try:
+            session = await _session(broker)
+            assert session.publish(Message("t", b"1", 1, False)) == 0
+            (first,) = broker._unsettled
+            broker._delivered_upstream(first)  # what the upstream PUBACK does
+            await advance(0.03)
+            assert session.publish(Message("t", b"2", 1, False)) == 0
+            await advance(0.03)  # message 1's commit time: message 2 has waited 30 ms only
+            await advance(0.03)  # message 2's
+            return seen
+        finally:
+            await broker.stop()
+
+    assert asyncio.run(run()) == [(0.03, 0, 0), (0.03, 0, 1), (0.03, 1, 0)]
+    assert _stored(tmp_path) == [b"2"]
+
+
 def test_a_commit_delay_of_zero_commits_before_settle_returns(tmp_path: Path) -> None:
     async def run() -> tuple[list[bool], bool, int]:
         broker = _broker(tmp_path, commit_delay=0)
