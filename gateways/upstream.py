@@ -77,6 +77,9 @@ DELETE_COMMIT_DELAY = 1.0
 """Seconds the deletion of delivered messages may wait for a commit when no append comes to carry it: a
 crash within them brings those messages back at the next start (sent twice: QoS 1 allows it)."""
 _AGGREGATE_STREAM = "*"
+_TIMER_SLACK = 0.001
+"""A commit due within this many seconds is made now: loop timers (uvloop's in whole milliseconds) may fire
+that much early."""
 
 
 class Forwarder:
@@ -563,7 +566,7 @@ class UpstreamBroker:
         due = next(iter(unsettled.values())) + self.config.commit_delay if unsettled else None
         if self._deletes_due is not None and (due is None or self._deletes_due < due):
             due = self._deletes_due
-        if due is not None and due > loop.time():
+        if due is not None and due > loop.time() + _TIMER_SLACK:
             self._commit_by(due)
             return
         self.commit()
