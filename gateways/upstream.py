@@ -536,18 +536,19 @@ class UpstreamBroker:
         if self._unsettled.pop(stored_id, None) is not None and self._settling:
             self._settled(True)
         if self._deletes_due is None and store.pending_deletes:
-            self._deletes_due = asyncio.get_running_loop().time() + DELETE_COMMIT_DELAY
+            self._deletes_due = self.clock.now() + DELETE_COMMIT_DELAY
             self._commit_by(self._deletes_due)
 
     def _accepted(self, stored_id: int) -> None:
         """A message waits to be settled: committed ``commit_delay`` seconds from now unless acknowledged
         upstream before."""
-        now = asyncio.get_running_loop().time()
+        now = self.clock.now()
         self._unsettled[stored_id] = now
         self._commit_by(now + self.config.commit_delay)
 
     def _commit_by(self, at: float) -> None:
-        """Have :meth:`_due` run at ``at`` or earlier (one timer)."""
+        """Have :meth:`_due` run at ``at`` or earlier (one timer; ``clock`` is the loop's, see
+        :class:`core.clock.LoopClock`)."""
         timer = self._commit_timer
         if timer is not None:
             if self._commit_at <= at:
@@ -561,12 +562,11 @@ class UpstreamBroker:
         waited :data:`DELETE_COMMIT_DELAY`; until then the timer follows the earlier of the two. Under a
         steady flow that the upstream acknowledges in time, nothing is ever written."""
         self._commit_timer = None
-        loop = asyncio.get_running_loop()
         unsettled = self._unsettled
         due = next(iter(unsettled.values())) + self.config.commit_delay if unsettled else None
         if self._deletes_due is not None and (due is None or self._deletes_due < due):
             due = self._deletes_due
-        if due is not None and due > loop.time() + _TIMER_SLACK:
+        if due is not None and due > self.clock.now() + _TIMER_SLACK:
             self._commit_by(due)
             return
         self.commit()
