@@ -17,7 +17,8 @@ instances a test adds, the way an LwM2M client does (OMA-TS-LightweightM2M-1.1 C
 - ``canned`` answers every read with a fixed (Content-Format, payload): what the gateway cannot decode;
 - Observe through aiocoap's observation machinery: :meth:`set_value` changes a value and every observation of
   that path or a path above it is notified (aiocoap numbers them 1, 2, ... after the first response); they
-  are CON unless ``non_notifications``; deleting an observed instance ends its observations with 4.04.
+  are CON unless ``non_notifications``; deleting an observed instance ends its observations with 4.04. An
+  observe answer or notification over 1024 bytes goes as its first Block2 block (RFC 7959 §2.6).
 
 Every request the device serves is recorded in :attr:`SimulatedDevice.requests` (a ``queue.Queue`` of
 :class:`Received`). ``silent`` makes it stop answering (aiocoap still acknowledges the CON, no response
@@ -163,6 +164,10 @@ class DeviceState:
         return [Entry(key, value) for key, value in sorted(self.values.items()) if key[: len(path)] == path]
 
 
+BLOCK_SZX = 6
+BLOCK_SIZE = 1024  # 2 ** (BLOCK_SZX + 4): aiocoap's block size
+
+
 class _DeviceSite(aiocoap.resource.ObservableResource, aiocoap.resource.PathCapable):
     """The whole LwM2M object tree as one aiocoap resource (it parses Uri-Path itself)."""
 
@@ -171,7 +176,9 @@ class _DeviceSite(aiocoap.resource.ObservableResource, aiocoap.resource.PathCapa
         self.device = device
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
-        return True
+        """aiocoap splits first responses; a request for a following block is served by :meth:`render`
+        (aiocoap's cache of split responses does not know the observe answers split here)."""
+        return request.opt.block2 is None or request.opt.block2.block_number == 0
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
         try:
@@ -194,7 +201,24 @@ class _DeviceSite(aiocoap.resource.ObservableResource, aiocoap.resource.PathCapa
         response = await self.device._render(request)
         if self.device.non_notifications and request.opt.observe == 0:
             response.transport_tuning = aiocoap.Unreliable
+        block = request.opt.block2
+        if block is not None and block.block_number > 0:
+            _cut(response, block.block_number, block.size_exponent)
+        elif request.opt.observe == 0 and len(response.payload) > BLOCK_SIZE:
+            # aiocoap splits plain responses into Block2 blocks but sends observe answers and notifications
+            # whole; a constrained device sends their first block and serves the rest to plain GETs
+            # (RFC 7959 §2.6)
+            _cut(response, 0, BLOCK_SZX)
         return response
+
+
+def _cut(response: aiocoap.Message, num: int, szx: int) -> None:
+    """Make ``response`` carry only Block2 block ``num`` of ``2 ** (szx + 4)`` bytes (RFC 7959 §2.2)."""
+    size = 2 ** (szx + 4)
+    payload = response.payload
+    response.payload = payload[num * size : (num + 1) * size]
+    more = len(payload) > (num + 1) * size
+    response.opt.block2 = aiocoap.optiontypes.BlockOption.BlockwiseTuple(num, more, szx)
 
 
 class SimulatedDevice:

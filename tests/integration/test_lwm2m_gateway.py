@@ -665,6 +665,24 @@ def test_read_of_a_block_wise_value_over_max_response_size_is_4_13(
     assert counter(running, "responses_incomplete") == 1
 
 
+def test_observe_answer_and_notifications_larger_than_one_block_are_published_whole(
+    mqgate: Any, devices: DeviceFactory, app: Application
+) -> None:
+    """aiocoap sends a large observe answer and each large notification as a first Block2 block; the
+    gateway fetches the rest without Observe (RFC 7959 §2.6) and the observation stays."""
+    device, _ = register(mqgate, devices, app, "dev-big-obs")
+    device.set_value((3, 0, 15), "a" * 3000)
+    first = app.command("dev-big-obs", {"reqID": "b", "msgType": "observe", "data": {"path": "/3/0/15"}})
+    assert first["data"]["content"] == [{"path": "/3/0/15", "value": "a" * 3000}]
+    for letter in "bc":
+        device.set_value((3, 0, 15), letter * 3000)
+        notify = app.next("lwm2m/dev-big-obs/up/notify")
+        assert (notify["msgType"], notify["reqID"]) == ("notify", "b")
+        assert notify["data"]["content"] == [{"path": "/3/0/15", "value": letter * 3000}]
+    assert device.observers((3, 0, 15)) == 1  # the follow-up GETs registered no other observation
+    assert counter(mqgate, "notifications") == 2
+
+
 # --- signed integers of every width (EMQX #4499, #4989)
 
 
