@@ -298,8 +298,8 @@ def test_peer_host_reads_every_peer_format(peer: str, host: str) -> None:
 def test_anonymous_warning_only_for_non_loopback_listeners(caplog: pytest.LogCaptureFixture) -> None:
     access = AccessControl()
     # addresses as strings only (loopback check); nothing binds them
-    assert not warn_if_anonymous_exposed(access, ["127.0.0.1:1883", "/dev/ttyUSB0"])
-    assert warn_if_anonymous_exposed(access, ["0.0.0.0:1883"])
+    assert not warn_if_anonymous_exposed(access, ["127.0.0.1:8000", "/dev/ttyUSB0"])
+    assert warn_if_anonymous_exposed(access, ["0.0.0.0:8000"])
     assert "anonymous access is allowed" in caplog.text
     assert not warn_if_anonymous_exposed(AccessControl(AuthConfig(allow_anonymous=False)), ["0.0.0.0:1"])
 

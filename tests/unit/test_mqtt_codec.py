@@ -175,7 +175,7 @@ SAMPLE: dict[str, Any] = {
     "will_delay_interval": 10,
     "request_response_information": 1,
     "response_information": "resp/",
-    "server_reference": "other.example:1883",
+    "server_reference": "other.example:8883",
     "reason_string": "because \u00e9\u6f22\U0001f600",
     "receive_maximum": 65535,
     "topic_alias_maximum": 10,
