@@ -555,7 +555,8 @@ class MessageStore:
 
     @property
     def pending_deletes(self) -> bool:
-        """Deletes of written messages wait for :meth:`commit`."""
+        """Writes to the file wait for :meth:`commit` besides pending appends: deletes of written messages
+        (or rows a read of a long stream had to write first)."""
         return not self._closed and bool(self._doomed or self._con.in_transaction)
 
     @property
